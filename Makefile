@@ -1,0 +1,71 @@
+# One entry point for people and CI. Everything a target needs is installed by the
+# target itself: a fresh machine only needs python3, go and make.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TRANSFORMERS_VERBOSITY := error
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help venv binaries test test-unit test-cluster test-trainer manifests check-manifests \
+        cluster-up cluster-down run install demo bench chaos lint clean
+
+help:
+	@echo "make demo          - build/start a local control plane, run the operator and example jobs"
+	@echo "make test          - install everything and run the whole test suite"
+	@echo "make cluster-up    - start the local control plane in the background (prints KUBECONFIG)"
+	@echo "make cluster-down  - stop it"
+	@echo "make manifests     - regenerate crds/ from the pydantic models"
+	@echo "make run           - run the operator against the current kubeconfig"
+	@echo "make install       - apply the CRD to the current kubeconfig"
+	@echo "make bench / chaos - benchmark and chaos runs"
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[trainer,dev]'
+	touch $@
+
+venv: $(STAMP)
+
+binaries:
+	bash hack/build-binaries.sh
+
+manifests: $(STAMP)
+	$(VPY) -m finetune_operator.api.crd --write crds/
+
+test: $(STAMP) binaries
+	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(VPY) -m pytest tests -m "not cluster and not trainer and not e2e" $(PYTEST_ARGS)
+
+cluster-up: $(STAMP) binaries
+	$(VPY) -m finetune_testbed up
+
+cluster-down: $(STAMP)
+	$(VPY) -m finetune_testbed down
+
+install: $(STAMP)
+	kubectl apply -f crds/
+
+run: $(STAMP)
+	$(VPY) -m finetune_operator
+
+demo: $(STAMP) binaries
+	$(VPY) -m finetune_testbed.demo
+
+bench: $(STAMP) binaries
+	$(VPY) -m bench.run $(BENCH_ARGS)
+
+JOBS ?= 300
+chaos: $(STAMP) binaries
+	$(VPY) -m finetune_testbed.chaos --jobs $(JOBS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,114 @@
+"""`python -m finetune_operator`: checks, optional leader election, then kopf.
+
+Start-up fails loudly (non-zero exit, one clear line) when the CRD is missing or RBAC
+denies something the operator needs, instead of running and silently doing nothing."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+import kopf
+
+from .config import OperatorConfig, parse_args
+from .handlers import register
+from .health import HealthServer
+from .kube import ApiError, KubeClient
+from .leader import LeaderElector
+from .metrics import REGISTRY, FleetCollector
+from .preflight import PreflightError, preflight
+from .reconciler import Reconciler
+
+log = logging.getLogger("finetune.operator")
+
+
+async def login() -> kopf.ConnectionInfo:
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or \
+        kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise PreflightError("no Kubernetes credentials: neither an in-cluster service account "
+                             "nor a kubeconfig (KUBECONFIG or ~/.kube/config) was found")
+    return info
+
+
+async def run(cfg: OperatorConfig) -> int:
+    info = await login()
+    client = KubeClient(info)
+    health = HealthServer(client.state)
+    await health.start(cfg.bind_address, cfg.health_port, cfg.metrics_port)
+    reconciler = Reconciler(client, cfg)
+    REGISTRY.register(FleetCollector(reconciler.fleet))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    elector = None
+    try:
+        await preflight(client, cfg)
+        if cfg.leader_elect:
+            identity = cfg.identity or f"{socket.gethostname()}-{os.getpid()}"
+            elector = LeaderElector(client, cfg.leader_election_namespace,
+                                    cfg.leader_election_name, identity, cfg.lease_duration)
+            acquire = asyncio.ensure_future(elector.acquire())
+            await asyncio.wait([acquire, asyncio.ensure_future(stop.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                acquire.cancel()
+                return 0
+            asyncio.ensure_future(elector.keep_renewing())
+        registry = kopf.OperatorRegistry()
+        register(registry, reconciler, cfg)
+
+        @kopf.on.login(registry=registry)
+        def _login(**_):
+            return info
+
+        @kopf.on.probe(registry=registry, id="api")
+        def _api_probe(**_):
+            return health.ready()[0]
+
+        kopf_stop = asyncio.Event()
+
+        async def watch_stop():
+            waiters = [asyncio.ensure_future(stop.wait())]
+            if elector:
+                waiters.append(asyncio.ensure_future(elector.lost.wait()))
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            kopf_stop.set()
+        asyncio.ensure_future(watch_stop())
+        namespaces = cfg.namespaces
+        log.info("operator starting: %s, timer every %.0fs, progress every %.0fs",
+                 f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces",
+                 cfg.timer_interval, cfg.progress_interval)
+        await kopf.operator(registry=registry, standalone=True, clusterwide=not namespaces,
+                            namespaces=namespaces, stop_flag=kopf_stop)
+        if elector and elector.lost.is_set():
+            log.error("leadership lost; exiting so that a fresh process can stand by")
+            return 1
+        return 0
+    except PreflightError as exc:
+        log.critical("start-up check failed: %s", exc)
+        return 2
+    finally:
+        if elector and not elector.lost.is_set():
+            await elector.release()
+        await reconciler.progress.close()
+        await health.stop()
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stdout,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return asyncio.run(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Carrying out a decision against the API: status first, then pods, then Events.
+
+Crash-safety comes from the order: the status naming attempt N is written (with a
+resourceVersion precondition) before pod <job>-<N> is created, and AlreadyExists
+means the pod is ours already (adopt)."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+
+from .kube import GROUP, VERSION, ApiError, KubeClient
+
+log = logging.getLogger("finetune.actions")
+
+
+class Conflict(Exception):
+    """The job changed under us (409): re-read and decide again."""
+
+
+async def replace_status(client: KubeClient, job: dict, status: dict) -> dict:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob",
+            "metadata": {"name": job["metadata"]["name"],
+                         "namespace": job["metadata"]["namespace"],
+                         "resourceVersion": job["metadata"]["resourceVersion"]},
+            "spec": job.get("spec") or {}, "status": status}
+    path = client.job_path(job["metadata"]["namespace"], job["metadata"]["name"]) + "/status"
+    try:
+        return await client.request("PUT", path, body=body)
+    except ApiError as exc:
+        if exc.status == 409:
+            raise Conflict(str(exc)) from None
+        raise
+
+
+async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
+    """Returns 'created' or 'adopted'."""
+    try:
+        await client.create(client.pod_path(namespace), pod)
+        return "created"
+    except ApiError as exc:
+        if exc.status == 409 and exc.reason == "AlreadyExists":
+            return "adopted"
+        raise
+
+
+async def delete_pod(client: KubeClient, namespace: str, name: str, uid: str | None = None,
+                     grace_seconds: int | None = None) -> bool:
+    body: dict = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+    if grace_seconds is not None:
+        body["gracePeriodSeconds"] = grace_seconds
+    if uid:
+        body["preconditions"] = {"uid": uid}
+    try:
+        await client.delete(client.pod_path(namespace, name), body)
+        return True
+    except ApiError as exc:
+        if exc.status in (404, 409):  # gone already, or a different pod by that name now
+            return False
+        raise
+
+
+async def delete_job(client: KubeClient, namespace: str, name: str, uid: str) -> None:
+    body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
+            "preconditions": {"uid": uid}}
+    try:
+        await client.delete(client.job_path(namespace, name), body)
+    except ApiError as exc:
+        if exc.status not in (404, 409):
+            raise
+
+
+async def post_event(client: KubeClient, job: dict, type_: str, reason: str, message: str,
+                     component: str = "finetune-operator") -> None:
+    meta = job["metadata"]
+    now = dt.datetime.now(dt.timezone.utc)
+    ts = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}",
+                     "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob",
+                           "name": meta["name"], "namespace": meta["namespace"],
+                           "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+        "type": type_, "reason": reason, "message": message[:1024],
+        "source": {"component": component}, "reportingComponent": component,
+        "reportingInstance": component, "action": reason,
+        "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
+        "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    try:
+        await client.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
+    except ApiError as exc:  # an Event is worth a log line, never a failed reconcile
+        log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"],
+                    meta["name"], exc)

@@ -1,0 +1,479 @@
+"""The TrainingJob API (finetune.dev/v1alpha1) as pydantic models.
+
+These models are the single definition of the API: the operator validates every spec with
+them before acting, and `finetune_operator.api.crd` turns their JSON schema into the CRD's
+structural OpenAPI schema. Field descriptions therefore double as `kubectl explain` text.
+
+Conventions: snake_case attributes, camelCase aliases (the YAML names); spec models forbid
+unknown fields; status models ignore them (an older or newer operator may have written extras).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+# --- names fixed by docs/CONTRACTS.md -------------------------------------------------------
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+SINGULAR = "trainingjob"
+SHORT_NAMES = ("tj",)
+CATEGORIES = ("training",)
+
+LABEL_JOB_NAME = "finetune.dev/job-name"
+LABEL_ATTEMPT = "finetune.dev/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "finetune-operator"
+TRAINER_CONTAINER = "trainer"
+METRICS_PORT = 9400
+# Job names become a pod label value, which Kubernetes caps at 63 characters.
+MAX_JOB_NAME_LENGTH = 63
+
+PHASES = ("Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed")
+Phase = Literal["Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed"]
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+# Kubernetes resource.Quantity, as accepted by the apiserver.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+# --- shared building blocks -----------------------------------------------------------------
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase in YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class StatusModel(BaseModel):
+    """Base of every status model: camelCase in YAML, unknown fields ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _quantity(value: Any) -> Any:
+    # YAML users write `cpu: 4`; the apiserver accepts int-or-string, so do we.
+    if isinstance(value, bool):
+        return value  # let the str validator reject it
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return format(value, "g")
+    return value
+
+
+def _check_quantity(value: str | None) -> str | None:
+    if value is not None and not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 32Gi)")
+    return value
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 with second precision, the way Kubernetes writes metav1.Time."""
+    return _as_utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+NonEmptyStr = Annotated[str, AfterValidator(_not_blank)]
+Quantity = Annotated[
+    str | None,
+    BeforeValidator(_quantity),
+    AfterValidator(_check_quantity),
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+        }
+    ),
+]
+Timestamp = Annotated[datetime, AfterValidator(_as_utc), PlainSerializer(format_time, return_type=str)]
+FreeForm = dict[str, Any]
+
+
+# --- spec -----------------------------------------------------------------------------------
+class Dataset(SpecModel):
+    """The training data: a JSONL file the trainer reads."""
+
+    path: NonEmptyStr = Field(
+        max_length=4096,
+        description="Path of the JSONL dataset inside the pod (typically on a mounted volume).",
+    )
+    text_field: str = Field(
+        "text", min_length=1, max_length=256, description="JSON field holding the training text."
+    )
+    prompt_field: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="JSON field holding the prompt (prompt/completion datasets; used with completionField).",
+    )
+    completion_field: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="JSON field holding the completion (prompt/completion datasets; used with promptField).",
+    )
+
+
+class LoRA(SpecModel):
+    """Low-rank adaptation settings (peft LoraConfig)."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling factor (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, le=1.0, description="Dropout applied to the LoRA layers.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        max_length=64,
+        description="Names of the modules to adapt, e.g. q_proj, v_proj.",
+        json_schema_extra={"default": ["q_proj", "v_proj"]},
+    )
+
+
+class Hyperparameters(SpecModel):
+    """Optimisation settings. Set maxSteps or epochs (maxSteps wins when both are set)."""
+
+    max_steps: int | None = Field(None, ge=1, le=100_000_000, description="Total optimiser steps.")
+    epochs: float | None = Field(
+        None, gt=0, le=100_000, description="Passes over the dataset (used when maxSteps is not set)."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=10, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, le=65_536, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=65_536, description="Micro-batches accumulated per optimiser step."
+    )
+    sequence_length: int = Field(512, ge=1, le=1_048_576, description="Maximum tokens per example.")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Random seed.")
+
+    @model_validator(mode="after")
+    def _needs_a_length(self) -> Hyperparameters:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set maxSteps or epochs")
+        return self
+
+
+class Resources(SpecModel):
+    """Compute per worker."""
+
+    gpus: int = Field(1, ge=0, le=64, description="nvidia.com/gpu per worker (requests = limits).")
+    cpu: Quantity = Field(None, description="CPU request per worker, e.g. 8 or 7500m.")
+    memory: Quantity = Field(None, description="Memory request and limit per worker, e.g. 64Gi.")
+
+
+class Checkpoint(SpecModel):
+    """Where and how often checkpoints are written."""
+
+    claim_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="PersistentVolumeClaim holding checkpoints; without it an emptyDir is used "
+        "(checkpoints then do not survive a new pod).",
+    )
+    mount_path: str = Field(
+        "/checkpoints",
+        pattern=r"^/",
+        max_length=4096,
+        description="Absolute path where the checkpoint volume is mounted in the trainer.",
+    )
+    every_steps: int = Field(100, ge=1, le=100_000_000, description="Save a checkpoint every N steps.")
+    keep: int = Field(3, ge=1, le=1000, description="How many checkpoints to keep on the volume.")
+
+
+class RunPolicy(SpecModel):
+    """Retries, resumes and time limits."""
+
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Real failures (non-zero exits, OOM) allowed before the job fails."
+    )
+    max_resumes: int = Field(
+        10,
+        ge=0,
+        le=10_000,
+        description="Interruptions (eviction, preemption, node loss, pod deletion, stall) resumed "
+        "before the job fails.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job when it has been active this long (counted from status.startTime)."
+    )
+    stall_timeout_seconds: int | None = Field(
+        None, ge=1, description="Restart a running trainer that completed no step for this long."
+    )
+    start_timeout_seconds: int = Field(
+        600,
+        ge=1,
+        description="Fail when the container is stuck on an image pull or container configuration "
+        "error this long after the attempt started.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job this long after it succeeded or failed."
+    )
+    auto_resume: bool = Field(
+        True, description="Resume from the latest checkpoint after an interruption; false fails the job instead."
+    )
+    backoff_seconds: int = Field(
+        10, ge=0, le=86_400, description="First delay before a new attempt; doubles with every restart."
+    )
+    max_backoff_seconds: int = Field(
+        300, ge=0, le=86_400, description="Upper bound of the delay before a new attempt."
+    )
+    termination_grace_period_seconds: int = Field(
+        120, ge=0, le=86_400, description="Time the trainer gets to save a checkpoint after SIGTERM."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> RunPolicy:
+        if self.max_backoff_seconds < self.backoff_seconds:
+            raise ValueError("maxBackoffSeconds must be >= backoffSeconds")
+        return self
+
+
+class ExitCodeRequirement(SpecModel):
+    """Matches the trainer container's exit code."""
+
+    operator: Literal["In", "NotIn"] = Field(description="In: the code is one of values; NotIn: it is none of them.")
+    values: list[Annotated[int, Field(ge=0, le=255)]] = Field(
+        min_length=1, max_length=255, description="Exit codes."
+    )
+
+
+class PodConditionRequirement(SpecModel):
+    """Matches a pod condition whose status is True (e.g. DisruptionTarget)."""
+
+    type: str = Field(min_length=1, max_length=316, description="Pod condition type.")
+
+
+class FailurePolicyRule(SpecModel):
+    """A rule deciding what an ended attempt means; the first matching rule wins."""
+
+    action: Literal["Resume", "Fail", "Count"] = Field(
+        description="Resume: count as an interruption (maxResumes); Fail: fail the job now; "
+        "Count: count as a failure (backoffLimit)."
+    )
+    on_exit_codes: ExitCodeRequirement | None = Field(None, description="Match on the exit code.")
+    on_pod_conditions: list[PodConditionRequirement] | None = Field(
+        None, min_length=1, max_length=16, description="Match when any of these pod conditions is True."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_matcher(self) -> FailurePolicyRule:
+        if (self.on_exit_codes is None) == (self.on_pod_conditions is None):
+            raise ValueError("set exactly one of onExitCodes or onPodConditions")
+        return self
+
+
+class FailurePolicy(SpecModel):
+    """Ordered rules overriding how ended attempts are counted (like batch/v1 podFailurePolicy)."""
+
+    rules: list[FailurePolicyRule] = Field(default_factory=list, max_length=20, description="Rules, first match wins.")
+
+
+class TemplateMetadata(SpecModel):
+    """Labels and annotations added to the pods."""
+
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+
+
+class LocalObjectReference(SpecModel):
+    """A reference to an object in the job's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Object name.")
+
+
+class EnvVar(SpecModel):
+    """An extra environment variable for the trainer container."""
+
+    name: str = Field(min_length=1, max_length=256, description="Variable name.")
+    value: str | None = Field(None, description="Literal value.")
+    value_from: FreeForm | None = Field(
+        None, description="Source of the value (core/v1 EnvVarSource: secretKeyRef, configMapKeyRef, ...)."
+    )
+
+
+class VolumeMount(SpecModel):
+    """An extra volume mount for the trainer container."""
+
+    name: str = Field(min_length=1, max_length=63, description="Name of a volume in template.volumes.")
+    mount_path: str = Field(pattern=r"^/", max_length=4096, description="Absolute path in the container.")
+    read_only: bool | None = Field(None, description="Mount read-only.")
+    sub_path: str | None = Field(None, max_length=4096, description="Path inside the volume to mount.")
+
+
+class PodTemplate(SpecModel):
+    """Pod-level overrides. Privileged settings are refused unless the operator allows them."""
+
+    metadata: TemplateMetadata | None = Field(None, description="Pod labels and annotations.")
+    node_selector: dict[str, str] | None = Field(None, description="Pod nodeSelector.")
+    tolerations: list[FreeForm] | None = Field(None, max_length=64, description="Pod tolerations (core/v1 Toleration).")
+    affinity: FreeForm | None = Field(None, description="Pod affinity (core/v1 Affinity).")
+    priority_class_name: str | None = Field(None, max_length=253, description="Pod priorityClassName.")
+    scheduler_name: str | None = Field(None, max_length=253, description="Pod schedulerName.")
+    service_account_name: str | None = Field(
+        None, max_length=253, description="Service account of the pod (its token is not mounted)."
+    )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        None, max_length=16, description="Secrets used to pull the image."
+    )
+    env: list[EnvVar] | None = Field(None, max_length=256, description="Extra trainer environment variables.")
+    volumes: list[FreeForm] | None = Field(None, max_length=64, description="Extra pod volumes (core/v1 Volume).")
+    volume_mounts: list[VolumeMount] | None = Field(None, max_length=64, description="Extra trainer volume mounts.")
+    host_network: bool | None = Field(None, description="Use the node's network namespace (privileged).")
+    security_context: FreeForm | None = Field(
+        None, description="Pod securityContext; keys given here replace the restricted defaults."
+    )
+    container_security_context: FreeForm | None = Field(
+        None, description="Trainer container securityContext; keys given here replace the restricted defaults."
+    )
+
+
+class TrainingJobSpec(SpecModel):
+    """Desired state of a LoRA fine-tuning job."""
+
+    image: NonEmptyStr = Field(max_length=1024, description="Trainer container image.")
+    model: NonEmptyStr = Field(max_length=1024, description="Base model: a hub id or an absolute path on a volume.")
+    dataset: Dataset = Field(description="Training data.")
+    method: Literal["LoRA"] = Field("LoRA", description="Fine-tuning method.")
+    lora: LoRA = Field(default_factory=LoRA, description="LoRA settings.", json_schema_extra={"default": {}})
+    hyperparameters: Hyperparameters = Field(description="Optimisation settings.")
+    resources: Resources = Field(
+        default_factory=Resources, description="Compute per worker.", json_schema_extra={"default": {}}
+    )
+    workers: int = Field(1, ge=1, le=1024, description="Number of nodes. Only 1 is supported for now.")
+    checkpoint: Checkpoint = Field(
+        default_factory=Checkpoint, description="Checkpoint storage.", json_schema_extra={"default": {}}
+    )
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy, description="Retries, resumes and time limits.", json_schema_extra={"default": {}}
+    )
+    failure_policy: FailurePolicy | None = Field(None, description="Rules overriding how ended attempts count.")
+    suspend: bool = Field(
+        False, description="True stops the pods (after a checkpoint) and frees the GPUs; false resumes."
+    )
+    template: PodTemplate | None = Field(None, description="Pod-level overrides.")
+
+    @field_validator("workers")
+    @classmethod
+    def _single_node_only(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("multi-node training (workers > 1) is not supported yet; set workers: 1")
+        return value
+
+
+# --- status ---------------------------------------------------------------------------------
+class Condition(StatusModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Running or Succeeded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str | None = Field(None, max_length=1024, description="CamelCase reason for the last change.")
+    message: str | None = Field(None, max_length=32768, description="Human-readable detail.")
+    last_transition_time: Timestamp | None = Field(None, description="When status last changed.")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this was computed from.")
+
+
+class Progress(StatusModel):
+    """Training progress as reported by the trainer."""
+
+    step: int | None = Field(None, description="Optimiser steps completed.")
+    total_steps: int | None = Field(None, description="Steps the run will take.")
+    epoch: float | None = Field(None, description="Fractional epoch.")
+    loss: float | None = Field(None, description="Latest training loss.")
+    tokens_per_second: float | None = Field(None, description="Recent training throughput.")
+    display: str | None = Field(None, description="step/totalSteps, shown by kubectl get.")
+    update_time: Timestamp | None = Field(None, description="When the operator last saw step advance.")
+    heartbeat_time: Timestamp | None = Field(None, description="The trainer's last step-completion heartbeat.")
+
+
+class CheckpointStatus(StatusModel):
+    """The latest checkpoint the operator knows about."""
+
+    step: int | None = Field(None, description="Step of the checkpoint.")
+    path: str | None = Field(None, description="Path of the checkpoint on the checkpoint volume.")
+    time: Timestamp | None = Field(None, description="When the operator learnt about it.")
+
+
+class Interruption(StatusModel):
+    """Why the last attempt ended without success."""
+
+    reason: str | None = Field(None, description="e.g. Evicted, Preempted, NodeLost, PodDeleted, Stalled, OOMKilled.")
+    message: str | None = Field(None, description="One-line detail.")
+    exit_code: int | None = Field(None, description="Exit code of the trainer, when it exited.")
+    pod: str | None = Field(None, description="Name of the pod.")
+    attempt: int | None = Field(None, description="Attempt number of the pod.")
+    time: Timestamp | None = Field(None, description="When the operator recorded it; backoff counts from here.")
+
+
+class TrainingJobStatus(StatusModel):
+    """Observed state, computed by the operator from the job, its pods and the clock."""
+
+    phase: Phase | None = Field(
+        None, description="Queued, Starting, Running, Resuming, Suspended, Succeeded or Failed."
+    )
+    reason: str | None = Field(None, description="CamelCase reason for the current phase.")
+    message: str | None = Field(None, description="One-line explanation of the current phase.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Admitted, Running, Progressing, Resumable, Suspended, Succeeded, Failed.",
+    )
+    attempt: int = Field(0, ge=0, description="Current attempt; its pod is <job>-<attempt>.")
+    failures: int = Field(0, ge=0, description="Attempts that failed (count against backoffLimit).")
+    resumes: int = Field(0, ge=0, description="Attempts that were interrupted (count against maxResumes).")
+    restarts: int = Field(0, ge=0, description="failures + resumes.")
+    progress: Progress | None = Field(None, description="Training progress.")
+    checkpoint: CheckpointStatus | None = Field(None, description="Latest known checkpoint.")
+    last_interruption: Interruption | None = Field(None, description="Why the last attempt ended without success.")
+    start_time: Timestamp | None = Field(None, description="When the first attempt was started.")
+    attempt_start_time: Timestamp | None = Field(None, description="When the current attempt was started.")
+    completion_time: Timestamp | None = Field(None, description="When the job succeeded or failed.")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the status reflects.")
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class TrainingJob(StatusModel):
+    """A TrainingJob: LoRA fine-tuning of a causal language model."""
+
+    spec: TrainingJobSpec = Field(description="Desired state.")
+    status: TrainingJobStatus | None = Field(None, description="Observed state, written by the operator.")

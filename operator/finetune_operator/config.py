@@ -1,0 +1,84 @@
+"""Operator settings: command-line flags, each with an environment variable fallback
+(FINETUNE_<FLAG>), so the Deployment can use either."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    namespaces: tuple[str, ...] = ()          # empty: cluster-wide
+    metrics_port: int = 8080
+    health_port: int = 8081
+    bind_address: str = "0.0.0.0"
+    timer_interval: float = 30.0              # safety-net re-check of every live job
+    progress_interval: float = 10.0           # how often a trainer's metrics are read
+    progress_write_interval: float = 15.0     # rate limit of progress-only status writes
+    progress_timeout: float = 2.0
+    node_lost_seconds: float = 60.0          # NotReady this long: its pods count as lost
+    allow_privileged_templates: bool = False
+    leader_elect: bool = False
+    leader_election_namespace: str = "finetune-system"
+    leader_election_name: str = "finetune-operator"
+    lease_duration: float = 15.0
+    identity: str = ""
+    log_level: str = "INFO"
+
+
+def _env(name: str, default):
+    value = os.environ.get(f"FINETUNE_{name.upper()}")
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, tuple):
+        return tuple(v for v in value.split(",") if v)
+    return type(default)(value)
+
+
+def parse_args(argv: list[str] | None = None) -> OperatorConfig:
+    d = OperatorConfig()
+    p = argparse.ArgumentParser(prog="finetune-operator",
+                                description="Kubernetes operator for TrainingJob resources.")
+    p.add_argument("--namespace", action="append", dest="namespaces",
+                   help="watch only this namespace (repeatable); default: all namespaces")
+    p.add_argument("--metrics-port", type=int, default=_env("metrics_port", d.metrics_port))
+    p.add_argument("--health-port", type=int, default=_env("health_port", d.health_port))
+    p.add_argument("--bind-address", default=_env("bind_address", d.bind_address))
+    p.add_argument("--timer-interval", type=float, default=_env("timer_interval", d.timer_interval),
+                   help="seconds between safety-net re-checks of each live job")
+    p.add_argument("--progress-interval", type=float,
+                   default=_env("progress_interval", d.progress_interval))
+    p.add_argument("--progress-write-interval", type=float,
+                   default=_env("progress_write_interval", d.progress_write_interval))
+    p.add_argument("--node-lost-seconds", type=float,
+                   default=_env("node_lost_seconds", d.node_lost_seconds))
+    p.add_argument("--allow-privileged-templates", action="store_true",
+                   default=_env("allow_privileged_templates", d.allow_privileged_templates),
+                   help="allow privileged, hostPath, hostNetwork and added capabilities in "
+                        "spec.template (off by default: creating a job must not grant them)")
+    p.add_argument("--leader-elect", action="store_true", default=_env("leader_elect", d.leader_elect),
+                   help="hold a coordination.k8s.io Lease; standbys wait until it expires")
+    p.add_argument("--leader-election-namespace",
+                   default=_env("leader_election_namespace", d.leader_election_namespace))
+    p.add_argument("--leader-election-name", "--leader-election-id", dest="leader_election_name",
+                   default=_env("leader_election_name",
+                                                          d.leader_election_name))
+    p.add_argument("--lease-duration", type=float, default=_env("lease_duration", d.lease_duration))
+    p.add_argument("--identity", default=_env("identity", os.environ.get("POD_NAME", "")))
+    p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    a = p.parse_args(argv)
+    namespaces = tuple(a.namespaces or _env("namespaces", ()))
+    return OperatorConfig(namespaces=namespaces, metrics_port=a.metrics_port,
+                          health_port=a.health_port, bind_address=a.bind_address,
+                          timer_interval=a.timer_interval, progress_interval=a.progress_interval,
+                          progress_write_interval=a.progress_write_interval,
+                          node_lost_seconds=a.node_lost_seconds,
+                          allow_privileged_templates=a.allow_privileged_templates,
+                          leader_elect=a.leader_elect,
+                          leader_election_namespace=a.leader_election_namespace,
+                          leader_election_name=a.leader_election_name,
+                          lease_duration=a.lease_duration, identity=a.identity,
+                          log_level=a.log_level)

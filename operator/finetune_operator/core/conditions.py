@@ -1,0 +1,98 @@
+"""Kubernetes-style conditions derived from the status; lastTransitionTime moves only on a flip."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple
+
+from ..api.models import Condition, TrainingJobSpec, TrainingJobStatus
+
+CONDITION_TYPES = ("Admitted", "Running", "Progressing", "Resumable", "Suspended", "Succeeded", "Failed")
+ADMISSION_FAILURES = frozenset({"InvalidSpec", "PrivilegedTemplate"})
+
+
+class Wanted(NamedTuple):
+    type: str
+    status: str
+    reason: str
+    message: str | None = None
+
+
+def _steps_this_attempt(status: TrainingJobStatus) -> bool:
+    progress = status.progress
+    return bool(
+        progress
+        and progress.update_time
+        and status.attempt_start_time
+        and progress.update_time >= status.attempt_start_time
+    )
+
+
+def wanted_conditions(status: TrainingJobStatus, spec: TrainingJobSpec | None) -> list[Wanted]:
+    phase = status.phase or "Queued"
+    reason_or_phase = status.reason or phase
+    admitted = (
+        Wanted("Admitted", "False", status.reason or "InvalidSpec", status.message)
+        if phase == "Failed" and status.reason in ADMISSION_FAILURES
+        else Wanted("Admitted", "True", "Admitted", "the spec is valid")
+    )
+    running = (
+        Wanted("Running", "True", "TrainerRunning", status.message)
+        if phase == "Running"
+        else Wanted("Running", "False", reason_or_phase)
+    )
+    if phase == "Running" and _steps_this_attempt(status):
+        # No step numbers here: progress-only changes must not count as material status changes.
+        progressing = Wanted("Progressing", "True", "StepsAdvancing", "training steps are completing")
+    elif phase == "Running":
+        progressing = Wanted("Progressing", "False", "WaitingForFirstStep", "no training step seen in this attempt yet")
+    else:
+        progressing = Wanted("Progressing", "False", reason_or_phase)
+    if phase in ("Succeeded", "Failed"):
+        resumable = Wanted("Resumable", "False", phase)
+    elif spec is not None and not spec.run_policy.auto_resume:
+        resumable = Wanted("Resumable", "False", "AutoResumeDisabled", "runPolicy.autoResume is false")
+    elif spec is not None and status.resumes >= spec.run_policy.max_resumes:
+        resumable = Wanted(
+            "Resumable", "False", "MaxResumesReached", f"{status.resumes} of {spec.run_policy.max_resumes} resumes used"
+        )
+    else:
+        limit = spec.run_policy.max_resumes if spec is not None else 0
+        resumable = Wanted("Resumable", "True", "ResumesLeft", f"{status.resumes} of {limit} resumes used")
+    if phase == "Suspended":
+        suspended = Wanted("Suspended", "True", "Suspended", status.message)
+    elif spec is not None and spec.suspend and phase not in ("Succeeded", "Failed"):
+        suspended = Wanted("Suspended", "False", "Suspending", "waiting for the pods to stop")
+    else:
+        suspended = Wanted("Suspended", "False", "NotSuspended")
+    succeeded = (
+        Wanted("Succeeded", "True", reason_or_phase, status.message)
+        if phase == "Succeeded"
+        else Wanted("Succeeded", "False", phase)
+    )
+    failed = (
+        Wanted("Failed", "True", reason_or_phase, status.message) if phase == "Failed" else Wanted("Failed", "False", phase)
+    )
+    return [admitted, running, progressing, resumable, suspended, succeeded, failed]
+
+
+def merge_conditions(
+    old: list[Condition], wanted: list[Wanted], now: datetime, generation: int | None
+) -> list[Condition]:
+    """New conditions in a fixed order; a condition keeps its lastTransitionTime unless status flips."""
+    previous = {c.type: c for c in old}
+    merged = []
+    for want in wanted:
+        before = previous.get(want.type)
+        flipped = before is None or before.status != want.status or before.last_transition_time is None
+        merged.append(
+            Condition(
+                type=want.type,
+                status=want.status,
+                reason=want.reason,
+                message=want.message,
+                last_transition_time=now if flipped else before.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    return merged

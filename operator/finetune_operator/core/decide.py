@@ -1,0 +1,375 @@
+"""The decision: (previous status, spec, pods, clock) -> (new status, actions, wake-up).
+
+Level-triggered and pure. One call runs single transitions until the status stops changing, so
+its output is a fixpoint: deciding again on the same facts with the new status changes nothing
+and posts no new Events (CreatePod for the same attempt may repeat; the caller adopts on
+AlreadyExists).
+
+Attempt bookkeeping: `status.attempt` is raised in the status *and* CreatePod(attempt) is returned
+in the same decision; the caller writes the status first, then creates the pod. A phase in
+{Resuming, Suspended, Succeeded, Failed} means the current attempt is concluded and was counted.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ..api.models import TERMINAL_PHASES, Interruption, TrainingJobSpec, TrainingJobStatus
+from .actions import Action, CreatePod, Decision, DeleteJob, DeletePod, Event
+from .classify import Completed, Ended, InFlight, classify_pod, node_lost, node_lost_at, stall_at
+from .conditions import merge_conditions, wanted_conditions
+from .observation import Observation, PodObservation
+from .privileged import privileged_settings
+from .progress import final_progress, fold_progress, latest_checkpoint
+from .text import one_line
+from .timing import backoff_seconds, deadline_at, resume_at, seconds_until, start_timeout_at, ttl_at
+
+IN_FLIGHT_PHASES = frozenset({"Queued", "Starting", "Running"})
+WARNING_PHASES = frozenset({"Failed", "Resuming"})
+# Far more than any real chain (Running -> Resuming -> Queued): a safety stop, not a rule.
+MAX_TRANSITIONS = 8
+
+Step = tuple[TrainingJobStatus, list[Action]]
+
+
+# --- small helpers --------------------------------------------------------------------------
+def current_pod(obs: Observation, attempt: int) -> PodObservation | None:
+    """The pod of this attempt; a replacement that is not being deleted wins over one that is."""
+    pods = [p for p in obs.pods if p.attempt == attempt]
+    if not pods:
+        return None
+    return max(pods, key=lambda p: (not p.deleting, p.creation_time or datetime.min.replace(tzinfo=obs.now.tzinfo)))
+
+
+def live_pods(obs: Observation, *, except_attempt: int | None = None) -> list[PodObservation]:
+    return [p for p in obs.pods if p.live and p.attempt != except_attempt]
+
+
+def stop_pods(obs: Observation, pods: list[PodObservation], reason: str) -> list[Action]:
+    """Delete live pods. Pods on lost nodes are force-deleted: their kubelet will never confirm."""
+    actions: list[Action] = []
+    for pod in pods:
+        if not pod.live:
+            continue
+        if node_lost(pod, obs):
+            actions.append(DeletePod(pod.name, reason, grace_seconds=0, uid=pod.uid or None))
+        elif not pod.deleting:
+            actions.append(DeletePod(pod.name, reason, uid=pod.uid or None))
+    return actions
+
+
+def _update(status: TrainingJobStatus, **changes: object) -> TrainingJobStatus:
+    if "message" in changes and changes["message"] is not None:
+        changes["message"] = one_line(str(changes["message"]))
+    return status.model_copy(update=changes)
+
+
+def _now(obs: Observation) -> datetime:
+    # Status times are stored with second precision (metav1.Time); keep them equal after a round trip.
+    return obs.now.replace(microsecond=0)
+
+
+def _fail(obs: Observation, status: TrainingJobStatus, reason: str, message: str) -> TrainingJobStatus:
+    return _update(status, phase="Failed", reason=reason, message=message, completion_time=_now(obs))
+
+
+def _start_attempt(obs: Observation, status: TrainingJobStatus, attempt: int, why: str) -> Step:
+    checkpoint = status.checkpoint
+    resume_note = f", resuming from checkpoint step {checkpoint.step}" if checkpoint and checkpoint.step else ""
+    now = _now(obs)
+    new = _update(
+        status,
+        phase="Queued",
+        reason="CreatingPod",
+        message=f"attempt {attempt}: creating pod {obs.pod_name(attempt)} ({why}){resume_note}",
+        attempt=attempt,
+        attempt_start_time=now,
+        start_time=status.start_time or now,
+    )
+    return new, _create_or_clear_the_way(obs, attempt)
+
+
+def _create_or_clear_the_way(obs: Observation, attempt: int) -> list[Action]:
+    """CreatePod only when no other attempt's pod is live: never two live attempts."""
+    others = live_pods(obs, except_attempt=attempt)
+    if others:
+        return stop_pods(obs, others, "Superseded")
+    return [CreatePod(attempt)]
+
+
+# --- the phases -----------------------------------------------------------------------------
+def _conclude(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus, ended: Ended) -> TrainingJobStatus:
+    """Count the end of the current attempt exactly once and pick Resuming or Failed."""
+    policy = spec.run_policy
+    record = Interruption(
+        reason=ended.reason,
+        message=one_line(ended.message),
+        exit_code=ended.exit_code,
+        pod=obs.pod_name(status.attempt),
+        attempt=status.attempt,
+        time=_now(obs),
+    )
+    status = _update(status, last_interruption=record)
+    if ended.kind == "fatal":
+        return _fail(obs, status, ended.reason, ended.message)
+    if ended.kind == "interruption":
+        if not policy.auto_resume:
+            return _fail(obs, status, "Interrupted", f"{ended.message}; runPolicy.autoResume is false")
+        resumes = status.resumes + 1
+        status = _update(status, resumes=resumes, restarts=status.failures + resumes)
+        if resumes > policy.max_resumes:
+            return _fail(
+                obs,
+                status,
+                "MaxResumesExceeded",
+                f"{ended.message}; interrupted {resumes} times, runPolicy.maxResumes is {policy.max_resumes}",
+            )
+    else:
+        failures = status.failures + 1
+        status = _update(status, failures=failures, restarts=failures + status.resumes)
+        if failures > policy.backoff_limit:
+            return _fail(
+                obs,
+                status,
+                "BackoffLimitExceeded",
+                f"{ended.message}; failed {failures} times, runPolicy.backoffLimit is {policy.backoff_limit}",
+            )
+    delay = backoff_seconds(policy, status.restarts)
+    return _update(
+        status,
+        phase="Resuming",
+        reason=ended.reason,
+        message=f"{ended.message}; next attempt in {delay}s",
+    )
+
+
+def _in_flight(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> Step:
+    pod = current_pod(obs, status.attempt)
+    others = live_pods(obs, except_attempt=status.attempt)
+    actions = stop_pods(obs, others, "Superseded")
+    if pod is None:
+        if status.phase == "Queued":
+            # Written to status but not seen yet (or deleted before it ran): (re)create, idempotently.
+            return status, _create_or_clear_the_way(obs, status.attempt)
+        outcome: InFlight | Completed | Ended = Ended(
+            "interruption",
+            "PodDeleted",
+            f"pod {obs.pod_name(status.attempt)} disappeared while the attempt was {status.phase}",
+        )
+    else:
+        outcome = classify_pod(pod, obs, spec, status)
+    if isinstance(outcome, InFlight):
+        return _update(status, phase=outcome.phase, reason=outcome.reason, message=outcome.message), actions
+    if isinstance(outcome, Completed):
+        return _succeed(obs, status, pod), actions
+    return _conclude(obs, spec, status, outcome), actions
+
+
+def _succeed(obs: Observation, status: TrainingJobStatus, pod: PodObservation | None) -> TrainingJobStatus:
+    report = pod.termination_message if pod is not None else None
+    message = f"training completed in attempt {status.attempt}"
+    if pod is not None:
+        message = classify_completed_message(pod) or message
+    return _update(
+        status,
+        phase="Succeeded",
+        reason="Completed",
+        message=message,
+        completion_time=_now(obs),
+        progress=final_progress(status.progress, dict(report) if report else None, _now(obs)),
+    )
+
+
+def classify_completed_message(pod: PodObservation) -> str | None:
+    report = pod.termination_message or {}
+    step = report.get("step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        return f"training completed at step {step} in attempt {pod.attempt}"
+    return None
+
+
+def _resume(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> Step:
+    live = live_pods(obs)
+    if live:
+        # The concluded attempt's pod must be gone before the next one starts.
+        return status, stop_pods(obs, live, status.reason or "Resuming")
+    ready_at = resume_at(spec, status)
+    if ready_at is not None and obs.now < ready_at:
+        return status, []
+    return _start_attempt(obs, status, status.attempt + 1, f"resuming after {status.reason or 'an interruption'}")
+
+
+def _suspend(obs: Observation, status: TrainingJobStatus) -> Step:
+    live = live_pods(obs)
+    if live:
+        return status, stop_pods(obs, live, "Suspended")
+    if status.phase == "Suspended":
+        return status, []
+    note = "pods stopped" if status.attempt else "no pod created"
+    return _update(status, phase="Suspended", reason="Suspended", message=f"spec.suspend is true; {note}"), []
+
+
+def _unsuspend(obs: Observation, status: TrainingJobStatus) -> Step:
+    live = live_pods(obs)
+    if live:
+        return status, stop_pods(obs, live, "Superseded")
+    return _start_attempt(obs, status, status.attempt + 1, "spec.suspend is false")
+
+
+def _adopt_newer_attempt(obs: Observation, status: TrainingJobStatus) -> TrainingJobStatus | None:
+    """A pod of a later attempt than status knows (status read stale): follow the pods."""
+    newest = max((p.attempt for p in obs.pods), default=0)
+    if newest <= status.attempt:
+        return None
+    pod = current_pod(obs, newest)
+    started = (pod.creation_time if pod else None) or _now(obs)
+    return _update(
+        status,
+        phase="Queued",
+        reason="PodAdopted",
+        message=f"attempt {newest}: found pod {obs.pod_name(newest)}",
+        attempt=newest,
+        attempt_start_time=started.replace(microsecond=0),
+        start_time=status.start_time or started.replace(microsecond=0),
+    )
+
+
+def _current_attempt_completed(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> bool:
+    if status.phase not in IN_FLIGHT_PHASES:
+        return False
+    pod = current_pod(obs, status.attempt)
+    return pod is not None and isinstance(classify_pod(pod, obs, spec, status), Completed)
+
+
+def _step(obs: Observation, status: TrainingJobStatus) -> Step:
+    """One transition (or none) from `status` given the observation."""
+    if status.phase in TERMINAL_PHASES:
+        return status, []
+    if obs.spec is None or obs.spec_error is not None:
+        failed = _fail(obs, status, "InvalidSpec", obs.spec_error or "spec: missing")
+        return failed, stop_pods(obs, live_pods(obs), "InvalidSpec")
+    spec = obs.spec
+    refused = privileged_settings(spec)
+    if refused and not obs.allow_privileged:
+        failed = _fail(
+            obs,
+            status,
+            "PrivilegedTemplate",
+            f"the template asks for privileged settings ({', '.join(refused)}) and the operator does not allow them",
+        )
+        return failed, stop_pods(obs, live_pods(obs), "PrivilegedTemplate")
+    adopted = _adopt_newer_attempt(obs, status)
+    if adopted is not None:
+        return adopted, []
+    # A trainer that finished wins over suspension and the deadline: the work is done.
+    if _current_attempt_completed(obs, spec, status):
+        return _in_flight(obs, spec, status)
+    if spec.suspend:
+        return _suspend(obs, status)
+    deadline = deadline_at(spec, status)
+    if deadline is not None and obs.now >= deadline:
+        failed = _fail(
+            obs,
+            status,
+            "DeadlineExceeded",
+            f"the job was active longer than runPolicy.activeDeadlineSeconds ({spec.run_policy.active_deadline_seconds}s)",
+        )
+        return failed, stop_pods(obs, live_pods(obs), "DeadlineExceeded")
+    if status.phase is None:
+        return _start_attempt(obs, status, status.attempt + 1, "new job")
+    if status.phase == "Suspended":
+        return _unsuspend(obs, status)
+    if status.phase == "Resuming":
+        return _resume(obs, spec, status)
+    return _in_flight(obs, spec, status)
+
+
+# --- assembling the decision ----------------------------------------------------------------
+def transition_event(old: TrainingJobStatus, new: TrainingJobStatus) -> Event:
+    reason = new.reason or new.phase or "Unknown"
+    text = f"{old.phase or 'New'} -> {new.phase}" + (f": {new.message}" if new.message else "")
+    return Event("Warning" if new.phase in WARNING_PHASES else "Normal", reason, one_line(text, 1000))
+
+
+def _dedupe(actions: list[Action]) -> tuple[Action, ...]:
+    seen: list[Action] = []
+    for action in actions:
+        if action not in seen:
+            seen.append(action)
+    return tuple(seen)
+
+
+def _terminal_actions(obs: Observation, status: TrainingJobStatus) -> list[Action]:
+    actions = stop_pods(obs, live_pods(obs), "JobFinished")
+    expires = ttl_at(obs.spec, status)
+    if expires is not None and obs.now >= expires:
+        actions.append(DeleteJob("TTLExpired"))
+    return actions
+
+
+def _wake_times(obs: Observation, status: TrainingJobStatus) -> list[datetime]:
+    """Moments at which the decision could change without any new event."""
+    spec = obs.spec
+    if spec is None:
+        return []
+    if status.phase in TERMINAL_PHASES:
+        return [t for t in [ttl_at(spec, status)] if t]
+    times: list[datetime | None] = []
+    if not spec.suspend:
+        times.append(deadline_at(spec, status))
+    if status.phase == "Resuming":
+        times.append(resume_at(spec, status))
+    if status.phase in IN_FLIGHT_PHASES:
+        pod = current_pod(obs, status.attempt)
+        if pod is not None:
+            times.append(node_lost_at(pod, obs))
+            if pod.waiting is not None:
+                times.append(start_timeout_at(spec, status))
+            times.append(stall_at(pod, obs, spec, status))
+    for pod in live_pods(obs):
+        times.append(node_lost_at(pod, obs))
+    return [t for t in times if t is not None]
+
+
+def requeue_after(obs: Observation, status: TrainingJobStatus) -> float | None:
+    future = [seconds_until(t, obs.now) for t in _wake_times(obs, status) if t > obs.now]
+    return min(future) if future else None
+
+
+def _finish(obs: Observation, status: TrainingJobStatus) -> TrainingJobStatus:
+    conditions = merge_conditions(
+        obs.status.conditions, wanted_conditions(status, obs.spec), _now(obs), obs.generation
+    )
+    return _update(
+        status,
+        restarts=status.failures + status.resumes,
+        conditions=conditions,
+        observed_generation=obs.generation,
+    )
+
+
+def _fold_reports(obs: Observation, status: TrainingJobStatus) -> TrainingJobStatus:
+    progress = fold_progress(status.progress, obs.progress, _now(obs)) if obs.progress else status.progress
+    checkpoint = latest_checkpoint(status.checkpoint, obs.pods)
+    return _update(status, progress=progress, checkpoint=checkpoint)
+
+
+def decide(obs: Observation) -> Decision:
+    """Decide the job's new status and the actions that bring the world towards it."""
+    if obs.status.phase in TERMINAL_PHASES:
+        # Terminal phases never change; only cleanup and TTL remain.
+        return Decision(obs.status, _dedupe(_terminal_actions(obs, obs.status)), requeue_after(obs, obs.status))
+    status = _fold_reports(obs, obs.status)
+    actions: list[Action] = []
+    for _ in range(MAX_TRANSITIONS):
+        new, step_actions = _step(obs, status)
+        actions.extend(step_actions)
+        if new.phase != status.phase:
+            actions.append(transition_event(status, new))
+        if new == status:
+            break
+        status = new
+    if status.phase in TERMINAL_PHASES:
+        actions.extend(a for a in _terminal_actions(obs, status) if a not in actions)
+    final = _finish(obs, status)
+    return Decision(final, _dedupe(actions), requeue_after(obs, final))

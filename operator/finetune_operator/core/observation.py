@@ -1,0 +1,141 @@
+"""What the decision core is told about the world: plain, frozen facts (no API objects, no clock)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+from ..api.models import TrainingJobSpec, TrainingJobStatus
+
+POD_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+class PodCondition(NamedTuple):
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerWaiting:
+    reason: str | None = None  # ContainerCreating, ErrImagePull, ImagePullBackOff, ...
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerRunning:
+    started_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ContainerTerminated:
+    exit_code: int
+    reason: str | None = None  # Completed, Error, OOMKilled, ...
+    message: str | None = None
+    finished_at: datetime | None = None
+
+
+ContainerState = ContainerWaiting | ContainerRunning | ContainerTerminated | None
+
+
+@dataclass(frozen=True)
+class PodObservation:
+    """One pod of the job, reduced to what the rules look at."""
+
+    name: str
+    attempt: int
+    uid: str = ""
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    node_name: str | None = None
+    scheduled: bool = False
+    unschedulable_message: str | None = None
+    conditions: tuple[PodCondition, ...] = ()
+    pod_reason: str | None = None  # status.reason, e.g. Evicted
+    pod_message: str | None = None
+    container: ContainerState = None  # the trainer container's current state
+    termination_message: Mapping[str, Any] | None = None  # the trainer's JSON termination message
+    creation_time: datetime | None = None
+    start_time: datetime | None = None
+
+    @property
+    def live(self) -> bool:
+        """Not finished: it may still hold a GPU or write checkpoints (deleting pods included)."""
+        return self.phase not in POD_TERMINAL_PHASES
+
+    @property
+    def terminated(self) -> ContainerTerminated | None:
+        return self.container if isinstance(self.container, ContainerTerminated) else None
+
+    @property
+    def waiting(self) -> ContainerWaiting | None:
+        return self.container if isinstance(self.container, ContainerWaiting) else None
+
+    @property
+    def running(self) -> ContainerRunning | None:
+        return self.container if isinstance(self.container, ContainerRunning) else None
+
+    def condition_true(self, type_: str) -> PodCondition | None:
+        return next((c for c in self.conditions if c.type == type_ and c.status == "True"), None)
+
+    @property
+    def true_condition_types(self) -> frozenset[str]:
+        return frozenset(c.type for c in self.conditions if c.status == "True")
+
+    @property
+    def outcome(self) -> str | None:
+        """The trainer's own verdict from its termination message, if it wrote one."""
+        msg = self.termination_message
+        value = msg.get("outcome") if msg else None
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class ProgressSample:
+    """Trainer metrics scraped from the running pod."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    heartbeat_time: datetime | None = None  # advances only when a step completes
+
+
+def _node_map(nodes: Mapping[str, datetime | None] | Iterable[str]) -> dict[str, datetime | None]:
+    if isinstance(nodes, Mapping):
+        return dict(nodes)
+    return {name: None for name in nodes}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one decision is based on."""
+
+    now: datetime  # UTC, aware
+    status: TrainingJobStatus = field(default_factory=TrainingJobStatus)  # previous status
+    spec: TrainingJobSpec | None = None
+    spec_error: str | None = None  # one line; set when the spec failed validation
+    job_name: str = ""
+    generation: int | None = None
+    pods: tuple[PodObservation, ...] = ()
+    # Nodes that are NotReady (value: since when) or missing (value: None), by name.
+    # An iterable of names is accepted too and means "lost now".
+    unready_nodes: Mapping[str, datetime | None] = field(default_factory=dict)
+    # How long a node must be NotReady before its pods count as lost (missing nodes: at once).
+    node_lost_after_seconds: float = 0.0
+    progress: ProgressSample | None = None  # None: unknown or unreachable (never a stall)
+    allow_privileged: bool = False
+    creation_time: datetime | None = None  # informational; the rules do not use it
+
+    def __post_init__(self) -> None:
+        if self.now.tzinfo is None:
+            object.__setattr__(self, "now", self.now.replace(tzinfo=timezone.utc))
+        object.__setattr__(self, "unready_nodes", _node_map(self.unready_nodes))
+        object.__setattr__(self, "pods", tuple(self.pods))
+
+    def pod_name(self, attempt: int) -> str:
+        return f"{self.job_name}-{attempt}"

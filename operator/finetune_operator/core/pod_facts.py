@@ -1,0 +1,111 @@
+"""Reduce a pod manifest (dict from the API) to a PodObservation. Pure: parses, never fetches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from ..api.models import LABEL_ATTEMPT, TRAINER_CONTAINER
+from .observation import (
+    ContainerRunning,
+    ContainerState,
+    ContainerTerminated,
+    ContainerWaiting,
+    PodCondition,
+    PodObservation,
+)
+
+
+def parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def parse_termination_message(text: Any) -> dict[str, Any] | None:
+    """The trainer's JSON termination message; None for logs (FallbackToLogsOnError) or junk."""
+    if not isinstance(text, str) or not text.strip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _attempt(metadata: Mapping[str, Any]) -> int:
+    labels = metadata.get("labels") or {}
+    raw = labels.get(LABEL_ATTEMPT)
+    if raw is None:  # fall back to the <job>-<attempt> name
+        raw = str(metadata.get("name", "")).rsplit("-", 1)[-1]
+    try:
+        return max(int(raw), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _container_state(statuses: list[Mapping[str, Any]]) -> tuple[ContainerState, dict[str, Any] | None]:
+    trainer = next((s for s in statuses if s.get("name") == TRAINER_CONTAINER), None)
+    if trainer is None:
+        return None, None
+    state = trainer.get("state") or {}
+    if "terminated" in state and state["terminated"] is not None:
+        t = state["terminated"]
+        code = t.get("exitCode")
+        return (
+            ContainerTerminated(
+                exit_code=int(code) if isinstance(code, int) else 1,
+                reason=t.get("reason"),
+                message=t.get("message"),
+                finished_at=parse_time(t.get("finishedAt")),
+            ),
+            parse_termination_message(t.get("message")),
+        )
+    if "running" in state and state["running"] is not None:
+        return ContainerRunning(started_at=parse_time(state["running"].get("startedAt"))), None
+    if "waiting" in state and state["waiting"] is not None:
+        w = state["waiting"]
+        return ContainerWaiting(reason=w.get("reason"), message=w.get("message")), None
+    return None, None
+
+
+def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    conditions = tuple(
+        PodCondition(str(c.get("type", "")), str(c.get("status", "Unknown")), c.get("reason"), c.get("message"))
+        for c in status.get("conditions") or []
+    )
+    scheduled_condition = next((c for c in conditions if c.type == "PodScheduled"), None)
+    unschedulable = (
+        scheduled_condition.message or scheduled_condition.reason
+        if scheduled_condition and scheduled_condition.status == "False" and scheduled_condition.reason == "Unschedulable"
+        else None
+    )
+    container, report = _container_state(list(status.get("containerStatuses") or []))
+    return PodObservation(
+        name=str(metadata.get("name", "")),
+        attempt=_attempt(metadata),
+        uid=str(metadata.get("uid", "")),
+        phase=str(status.get("phase") or "Pending"),
+        deleting=metadata.get("deletionTimestamp") is not None,
+        node_name=spec.get("nodeName") or None,
+        scheduled=bool(spec.get("nodeName")) or bool(scheduled_condition and scheduled_condition.status == "True"),
+        unschedulable_message=unschedulable,
+        conditions=conditions,
+        pod_reason=status.get("reason"),
+        pod_message=status.get("message"),
+        container=container,
+        termination_message=report,
+        creation_time=parse_time(metadata.get("creationTimestamp")),
+        start_time=parse_time(status.get("startTime")),
+    )

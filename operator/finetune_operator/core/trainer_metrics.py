@@ -1,0 +1,54 @@
+"""Read the trainer's Prometheus text exposition into a ProgressSample (docs/CONTRACTS.md names)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+
+from .observation import ProgressSample
+
+_METRICS = {
+    "finetune_trainer_step": "step",
+    "finetune_trainer_total_steps": "total_steps",
+    "finetune_trainer_epoch": "epoch",
+    "finetune_trainer_loss": "loss",
+    "finetune_trainer_tokens_per_second": "tokens_per_second",
+    "finetune_trainer_heartbeat_timestamp_seconds": "heartbeat",
+}
+
+
+def parse_trainer_metrics(text: str) -> ProgressSample | None:
+    """None when the text holds none of the trainer's metrics (wrong target, not started)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, rest = line.partition(" ")
+        name = name_part.split("{", 1)[0]
+        if name not in _METRICS or "}" in rest:
+            continue
+        try:
+            values[_METRICS[name]] = float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+    if not values:
+        return None
+
+    def integer(key: str) -> int | None:
+        value = values.get(key)
+        return int(value) if value is not None and math.isfinite(value) and value >= 0 else None
+
+    heartbeat = values.get("heartbeat")
+    return ProgressSample(
+        step=integer("step"),
+        total_steps=integer("total_steps") or None,
+        epoch=values.get("epoch"),
+        loss=values.get("loss"),
+        tokens_per_second=values.get("tokens_per_second"),
+        heartbeat_time=(
+            datetime.fromtimestamp(heartbeat, tz=timezone.utc)
+            if heartbeat is not None and math.isfinite(heartbeat) and heartbeat > 0
+            else None
+        ),
+    )

@@ -1,0 +1,95 @@
+"""kopf registrations: thin handlers that feed the reconciler.
+
+- TrainingJob events (create, update, resume after restart, delete) -> reconcile.
+- Pod events, filtered server-side by label, mapped to the owner by label -> reconcile
+  (the fast path: a pod change reaches the job's status within a second).
+- A jittered per-job timer -> progress scrape + safety-net reconcile.
+No state-changing kopf handlers are used, so kopf writes no annotations on our objects."""
+from __future__ import annotations
+
+import logging
+import random
+
+import kopf
+
+from .api import GROUP, LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, TERMINAL_PHASES, VERSION
+from .api.parsing import plain
+from .config import OperatorConfig
+from .reconciler import Reconciler, job_key_of_pod
+
+log = logging.getLogger("finetune.handlers")
+POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+
+def _needs_timer(spec, status, **_) -> bool:
+    if (status or {}).get("phase") not in TERMINAL_PHASES:
+        return True
+    return ((spec or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+
+
+def _pod_summary(body) -> dict:
+    """What the decision core reads of a pod; kept small (one per pod in memory)."""
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {k: plain(meta.get(k)) for k in ("name", "namespace", "uid", "labels",
+                                                      "deletionTimestamp", "creationTimestamp")
+                     if meta.get(k) is not None},
+        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName"),
+                 "containers": [{"name": c.get("name"), "ports": plain(c.get("ports") or [])}
+                                for c in (body.get("spec") or {}).get("containers") or []]},
+        "status": plain(body.get("status") or {}),
+    }
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorConfig) -> None:
+    on = dict(registry=registry)
+
+    @kopf.on.startup(**on)
+    async def configure(settings: kopf.OperatorSettings, **_):
+        settings.persistence.finalizer = f"{GROUP}/operator"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration")
+        settings.watching.label_selectors["v1", "pods"] = POD_SELECTOR
+        settings.watching.chunk_size = 500
+        settings.watching.reconnect_backoff = 1.0
+        settings.scanning.disabled = True
+        settings.posting.level = logging.WARNING
+        settings.networking.request_timeout = 60
+
+    @kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, id="pods_by_job", **on)
+    def pods_by_job(namespace, labels, body, **_):
+        key = job_key_of_pod(namespace, labels)
+        return {key: _pod_summary(body)} if key else None
+
+    @kopf.index("v1", "nodes", id="node_readiness", **on)
+    def node_readiness(name, status, **_):
+        ready = next((c for c in (status or {}).get("conditions") or [] if c.get("type") == "Ready"),
+                     None)
+        return {name: {"ready": bool(ready and ready.get("status") == "True"),
+                       "since": (ready or {}).get("lastTransitionTime")}}
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, **on)
+    async def job_event(event, body, pods_by_job, node_readiness, **_):
+        reconciler.bind(pods_by_job, node_readiness)
+        if event.get("type") == "DELETED":
+            reconciler.job_gone((body["metadata"]["namespace"], body["metadata"]["name"]))
+            return
+        key = reconciler.job_seen(plain(body))
+        await reconciler.trigger(key, "job")
+
+    @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, **on)
+    async def pod_event(namespace, labels, pods_by_job, node_readiness, **_):
+        reconciler.bind(pods_by_job, node_readiness)
+        key = job_key_of_pod(namespace, labels)
+        if key is None or key not in reconciler.jobs:
+            return  # not ours, or its job is gone (garbage collection removes it)
+        reconciler.pod_changed(key)
+        await reconciler.trigger(key, "pod")
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=cfg.progress_interval, when=_needs_timer,
+                initial_delay=lambda **_: random.uniform(0, cfg.progress_interval), **on)
+    async def job_timer(body, pods_by_job, node_readiness, **_):
+        reconciler.bind(pods_by_job, node_readiness)
+        key = reconciler.job_seen(plain(body))
+        await reconciler.tick(key)

@@ -1,0 +1,58 @@
+"""HTTP endpoints on the operator's loop: /healthz (the event loop and kopf are
+alive), /readyz (the API server answered recently), /metrics (Prometheus)."""
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .metrics import REGISTRY
+
+
+class HealthServer:
+    def __init__(self, api_state, *, ready_window: float = 60.0):
+        self._api = api_state
+        self._ready_window = ready_window
+        self.heartbeat = time.time()  # touched by the operator's timer loop
+        self._runners: list[web.AppRunner] = []
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._api.ready:
+            return False, f"API server unreachable: {self._api.last_error or 'no call yet'}"
+        age = time.time() - self._api.last_success
+        if age > self._ready_window:
+            return False, f"no successful API call for {age:.0f}s"
+        return True, "ok"
+
+    async def _healthz(self, _req):
+        return web.Response(text="ok")
+
+    async def _readyz(self, _req):
+        ok, why = self.ready()
+        return web.Response(status=200 if ok else 503, text=why)
+
+    async def _metrics(self, _req):
+        return web.Response(body=generate_latest(REGISTRY),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self, host: str, health_port: int, metrics_port: int) -> None:
+        apps = {}
+        for port, routes in ((health_port, [web.get("/healthz", self._healthz),
+                                            web.get("/readyz", self._readyz)]),
+                             (metrics_port, [web.get("/metrics", self._metrics)])):
+            apps.setdefault(port, []).extend(routes)
+        for port, routes in apps.items():
+            if port < 0:
+                continue
+            app = web.Application()
+            app.add_routes(routes)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, host, port).start()
+            self._runners.append(runner)
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()

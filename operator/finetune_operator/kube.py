@@ -1,0 +1,160 @@
+"""The operator's one shared async Kubernetes API client: plain JSON over aiohttp.
+
+Deliberately tiny (no generated models: they cost memory and import time). It
+counts every request by verb, resource and status code, and remembers whether the
+last call reached the API server (the readiness probe reads that)."""
+from __future__ import annotations
+
+import json
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+import kopf
+
+from . import metrics
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "trainingjobs"
+JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any, method: str, path: str):
+        self.status, self.body = status, body
+        message = body.get("message") if isinstance(body, dict) else str(body)[:300]
+        super().__init__(f"{method} {path}: HTTP {status}: {message}")
+
+    @property
+    def reason(self) -> str:
+        return self.body.get("reason", "") if isinstance(self.body, dict) else ""
+
+
+def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    ctx = ssl.create_default_context()
+    if info.ca_path:
+        ctx.load_verify_locations(cafile=info.ca_path)
+    elif info.ca_data:
+        data = info.ca_data
+        ctx.load_verify_locations(cadata=data.decode() if isinstance(data, bytes) else data)
+    cert, key = info.certificate_path, info.private_key_path
+    tmp = []
+    # ssl only loads client certs from files; inline data goes through temp files.
+    for data in (info.certificate_data, info.private_key_data):
+        if data:
+            f = tempfile.NamedTemporaryFile(delete=False)
+            f.write(data if isinstance(data, bytes) else data.encode())
+            f.close()
+            tmp.append(f.name)
+    if info.certificate_data:
+        cert = tmp[0]
+    if info.private_key_data:
+        key = tmp[-1]
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _resource_of(path: str) -> str:
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    # /api/v1/namespaces/ns/pods/name/status -> pods/status ; /apis/g/v/namespaces/ns/trainingjobs
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        rest = parts[parts.index("namespaces") + 2:]
+    else:
+        rest = parts[2:] if parts[0] == "api" else parts[3:]
+    if not rest:
+        return "unknown"
+    return rest[0] + ("/" + rest[2] if len(rest) > 2 else "")
+
+
+@dataclass
+class ApiState:
+    ready: bool = False
+    last_success: float = 0.0
+    last_error: str = ""
+
+
+class KubeClient:
+    def __init__(self, login: Callable[[], Awaitable[kopf.ConnectionInfo]] | kopf.ConnectionInfo,
+                 timeout: float = 30.0):
+        self._login = login
+        self._session: aiohttp.ClientSession | None = None
+        self._info: kopf.ConnectionInfo | None = None
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=5)
+        self.state = ApiState()
+
+    async def _ensure(self) -> None:
+        if self._session is not None:
+            return
+        info = self._login if isinstance(self._login, kopf.ConnectionInfo) else await self._login()
+        self._info = info
+        self._session = aiohttp.ClientSession(
+            base_url=info.server.rstrip("/") + "/",
+            headers=info.as_http_headers(),
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=64),
+            timeout=self._timeout,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(self, method: str, path: str, *, body: Any = None,
+                      content_type: str = "application/json", params: dict | None = None) -> Any:
+        await self._ensure()
+        resource = _resource_of(path)
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type} if body is not None else {}
+        try:
+            async with self._session.request(method, path.lstrip("/"), data=data,
+                                             headers=headers, params=params) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            metrics.API_REQUESTS.labels(method.lower(), resource, "error").inc()
+            self.state.ready, self.state.last_error = False, f"{type(exc).__name__}: {exc}"
+            metrics.API_READY.set(0)
+            raise
+        metrics.API_REQUESTS.labels(method.lower(), resource, str(status)).inc()
+        self.state.ready, self.state.last_success = True, time.time()
+        metrics.API_READY.set(1)
+        try:
+            payload = json.loads(text) if text else None
+        except ValueError:
+            payload = text
+        if status == 401 and not isinstance(self._login, kopf.ConnectionInfo):
+            await self.close()  # credentials rotated (projected SA token): log in again next time
+        if status >= 400:
+            raise ApiError(status, payload, method, path)
+        return payload
+
+    # ---- typed helpers -------------------------------------------------------------
+    async def get(self, path: str, **params) -> Any:
+        return await self.request("GET", path, params=params or None)
+
+    async def create(self, path: str, body: dict) -> dict:
+        return await self.request("POST", path, body=body)
+
+    async def merge_patch(self, path: str, body: dict) -> dict:
+        return await self.request("PATCH", path, body=body,
+                                  content_type="application/merge-patch+json")
+
+    async def delete(self, path: str, body: dict | None = None) -> Any:
+        return await self.request("DELETE", path, body=body)
+
+    # ---- paths ---------------------------------------------------------------------
+    @staticmethod
+    def job_path(namespace: str, name: str = "") -> str:
+        base = f"{JOBS_PATH}/namespaces/{namespace}/{PLURAL}"
+        return f"{base}/{name}" if name else base
+
+    @staticmethod
+    def pod_path(namespace: str, name: str = "") -> str:
+        base = f"/api/v1/namespaces/{namespace}/pods"
+        return f"{base}/{name}" if name else base
+

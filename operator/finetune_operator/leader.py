@@ -1,0 +1,123 @@
+"""Leader election on a coordination.k8s.io Lease: one active replica, standbys wait.
+
+The active replica renews the Lease every lease_duration/3 seconds. A standby takes
+the Lease over once renewTime + leaseDurationSeconds has passed. A leader that cannot
+renew in time stops acting (the process exits, the Deployment restarts it as a standby),
+so two replicas never reconcile at once for longer than one lease duration."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+from .kube import ApiError, KubeClient
+
+log = logging.getLogger("finetune.leader")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _fmt(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class LeaderElector:
+    def __init__(self, client: KubeClient, namespace: str, name: str, identity: str,
+                 lease_duration: float = 15.0):
+        self.client, self.identity = client, identity
+        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
+        self.collection = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        self.name, self.duration = name, lease_duration
+        self.lost = asyncio.Event()
+        self.acquired_at: dt.datetime | None = None
+
+    def _spec(self, lease: dict | None, now: dt.datetime) -> dict:
+        spec = dict((lease or {}).get("spec") or {})
+        if spec.get("holderIdentity") != self.identity:
+            spec["acquireTime"] = _fmt(now)
+            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (1 if lease else 0)
+        spec.update(holderIdentity=self.identity, leaseDurationSeconds=int(self.duration),
+                    renewTime=_fmt(now))
+        return spec
+
+    async def try_acquire(self) -> bool:
+        now = _now()
+        try:
+            lease = await self.client.get(self.path)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name}, "spec": self._spec(None, now)}
+            try:
+                await self.client.create(self.collection, body)
+                return True
+            except ApiError as exc2:
+                if exc2.status == 409:
+                    return False
+                raise
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity")
+        renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
+        duration = spec.get("leaseDurationSeconds") or self.duration
+        expired = renewed is None or now > renewed + dt.timedelta(seconds=duration)
+        if holder and holder != self.identity and not expired:
+            return False
+        lease["spec"] = self._spec(lease, now)
+        try:
+            await self.client.request("PUT", self.path, body=lease)
+            return True
+        except ApiError as exc:
+            if exc.status == 409:  # someone else renewed or took it first
+                return False
+            raise
+
+    async def acquire(self) -> None:
+        logged = False
+        while True:
+            try:
+                if await self.try_acquire():
+                    self.acquired_at = _now()
+                    log.info("became leader (lease %s, identity %s)", self.name, self.identity)
+                    return
+            except Exception as exc:  # noqa: BLE001 - API down: keep waiting, loudly
+                log.warning("leader election: %s", exc)
+            if not logged:
+                log.info("standby: lease %s is held by another replica; waiting", self.name)
+                logged = True
+            await asyncio.sleep(max(1.0, self.duration / 5))
+
+    async def keep_renewing(self) -> None:
+        last_renew = asyncio.get_running_loop().time()
+        while not self.lost.is_set():
+            await asyncio.sleep(self.duration / 3)
+            try:
+                if await self.try_acquire():
+                    last_renew = asyncio.get_running_loop().time()
+                    continue
+                log.error("lost the lease %s to another replica", self.name)
+                self.lost.set()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("lease renewal failed: %s", exc)
+                if asyncio.get_running_loop().time() - last_renew > self.duration:
+                    log.error("could not renew the lease for %.0fs; stepping down", self.duration)
+                    self.lost.set()
+
+    async def release(self) -> None:
+        """Hand over at once on a clean shutdown instead of making standbys wait."""
+        try:
+            lease = await self.client.get(self.path)
+            if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+                lease["spec"]["renewTime"] = _fmt(_now() - dt.timedelta(seconds=self.duration + 1))
+                lease["spec"]["holderIdentity"] = ""
+                await self.client.request("PUT", self.path, body=lease)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not release the lease: %s", exc)

@@ -1,0 +1,163 @@
+"""Build the trainer pod for one attempt: spec in, pod manifest dict out. Pure, no API calls."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .api.models import (
+    API_VERSION,
+    KIND,
+    LABEL_ATTEMPT,
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    METRICS_PORT,
+    TRAINER_CONTAINER,
+    TrainingJobSpec,
+)
+
+TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
+CHECKPOINT_VOLUME = "checkpoints"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+RUN_AS_USER = 1000
+
+# Pod Security "restricted" out of the box; template keys replace these one by one.
+DEFAULT_POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_USER,
+    "fsGroup": RUN_AS_USER,  # so the trainer can write to the checkpoint volume
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+DEFAULT_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def pod_name(job_name: str, attempt: int) -> str:
+    return f"{job_name}-{attempt}"
+
+
+def pod_labels(job_name: str, attempt: int) -> dict[str, str]:
+    return {LABEL_JOB_NAME: job_name, LABEL_ATTEMPT: str(attempt), LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _resources(spec: TrainingJobSpec) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.resources.gpus > 0:
+        # Extended resources must have requests == limits.
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(spec.resources.gpus)
+    if spec.resources.cpu:
+        requests["cpu"] = spec.resources.cpu  # no CPU limit: throttling a data loader only slows training
+    if spec.resources.memory:
+        requests["memory"] = limits["memory"] = spec.resources.memory
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(trainer_env: dict[str, str], spec: TrainingJobSpec) -> list[dict[str, Any]]:
+    env = {name: {"name": name, "value": str(value)} for name, value in sorted(trainer_env.items())}
+    for var in (spec.template.env if spec.template else None) or []:
+        env[var.name] = var.model_dump(exclude_none=True)  # the template wins over the generated value
+    return list(env.values())
+
+
+def _volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    checkpoint = spec.checkpoint
+    source: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": checkpoint.claim_name}} if checkpoint.claim_name else {"emptyDir": {}}
+    )
+    volumes = [{"name": CHECKPOINT_VOLUME, **source}]
+    mounts: list[dict[str, Any]] = [{"name": CHECKPOINT_VOLUME, "mountPath": checkpoint.mount_path}]
+    template = spec.template
+    if template is not None:
+        volumes += [copy.deepcopy(v) for v in template.volumes or []]
+        mounts += [m.model_dump(exclude_none=True) for m in template.volume_mounts or []]
+    return volumes, mounts
+
+
+def _merged(defaults: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    return {**copy.deepcopy(defaults), **copy.deepcopy(overrides or {})}
+
+
+def build_pod(
+    job_name: str,
+    namespace: str,
+    uid: str,
+    spec: TrainingJobSpec,
+    attempt: int,
+    *,
+    trainer_env: dict[str, str],
+) -> dict[str, Any]:
+    """The pod manifest for attempt `attempt` of job `job_name` (owner uid `uid`)."""
+    template = spec.template
+    template_meta = template.metadata if template is not None and template.metadata is not None else None
+    labels = {**(template_meta.labels if template_meta else {}), **pod_labels(job_name, attempt)}
+    annotations = dict(template_meta.annotations) if template_meta else {}
+    volumes, mounts = _volumes(spec)
+
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image,
+        "command": list(TRAINER_COMMAND),
+        "env": _env(trainer_env, spec),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _merged(
+            DEFAULT_CONTAINER_SECURITY_CONTEXT, template.container_security_context if template else None
+        ),
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": _merged(DEFAULT_POD_SECURITY_CONTEXT, template.security_context if template else None),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if template is not None:
+        optional = {
+            "nodeSelector": template.node_selector,
+            "tolerations": template.tolerations,
+            "affinity": template.affinity,
+            "priorityClassName": template.priority_class_name,
+            "schedulerName": template.scheduler_name,
+            "serviceAccountName": template.service_account_name,
+            "imagePullSecrets": [s.model_dump() for s in template.image_pull_secrets]
+            if template.image_pull_secrets
+            else None,
+            "hostNetwork": template.host_network or None,
+        }
+        pod_spec.update({key: copy.deepcopy(value) for key, value in optional.items() if value})
+
+    metadata: dict[str, Any] = {
+        "name": pod_name(job_name, attempt),
+        "namespace": namespace,
+        "labels": labels,
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": job_name,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

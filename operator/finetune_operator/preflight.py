@@ -1,0 +1,61 @@
+"""Start-up checks: the CRD is installed and RBAC allows everything the operator does.
+Each failure names the missing piece and how to fix it."""
+from __future__ import annotations
+
+from .config import OperatorConfig
+from .kube import GROUP, PLURAL, VERSION, ApiError, KubeClient
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# (verb, group, resource, subresource): exactly what the operator does.
+REQUIRED = [
+    ("list", GROUP, PLURAL, ""), ("watch", GROUP, PLURAL, ""), ("delete", GROUP, PLURAL, ""),
+    ("patch", GROUP, PLURAL, ""), ("update", GROUP, PLURAL, "status"),
+    ("list", "", "pods", ""), ("watch", "", "pods", ""), ("create", "", "pods", ""),
+    ("delete", "", "pods", ""), ("list", "", "nodes", ""), ("watch", "", "nodes", ""),
+    ("create", "", "events", ""),
+]
+LEASES = [("get", "coordination.k8s.io", "leases", ""), ("create", "coordination.k8s.io", "leases", ""),
+          ("update", "coordination.k8s.io", "leases", "")]
+
+
+class PreflightError(Exception):
+    pass
+
+
+async def preflight(client: KubeClient, cfg: OperatorConfig) -> None:
+    try:
+        crd = await client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
+    except ApiError as exc:
+        if exc.status == 404:
+            raise PreflightError(f"the CustomResourceDefinition {CRD_NAME} is not installed; "
+                                 "apply crds/ (make install) or deploy/ first") from None
+        if exc.status != 403:  # reading CRDs is optional; the access review below is not
+            raise PreflightError(f"cannot read CRD {CRD_NAME}: {exc}") from None
+    else:
+        served = [v["name"] for v in crd["spec"]["versions"] if v.get("served")]
+        if VERSION not in served:
+            raise PreflightError(f"CRD {CRD_NAME} does not serve {VERSION} (serves {served})")
+    checks = REQUIRED + (LEASES if cfg.leader_elect else [])
+    namespaces = cfg.namespaces or ("",)
+    denied = []
+    for ns in namespaces:
+        for verb, group, resource, sub in checks:
+            attrs = {"verb": verb, "group": group, "resource": resource}
+            if sub:
+                attrs["subresource"] = sub
+            if resource == "leases":
+                attrs["namespace"] = cfg.leader_election_namespace
+            elif ns and resource != "nodes":
+                attrs["namespace"] = ns
+            review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                      "spec": {"resourceAttributes": attrs}}
+            res = await client.create("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                                      review)
+            if not (res.get("status") or {}).get("allowed"):
+                target = resource + (f"/{sub}" if sub else "")
+                where = f" in namespace {attrs['namespace']}" if attrs.get("namespace") else ""
+                denied.append(f"{verb} {target}{where}")
+    if denied:
+        raise PreflightError("RBAC denies what the operator needs: " + ", ".join(denied)
+                             + " (see deploy/rbac/)")

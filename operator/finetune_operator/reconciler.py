@@ -1,0 +1,339 @@
+"""One reconcile for one job: observe (job + its pods + node facts + progress),
+decide (pure), act (status first, then pods, then Events).
+
+Nothing here is remembered across restarts: the job and pod caches are fed by the
+watches (kopf's initial LIST rebuilds them), progress samples are re-read from the
+trainers, and per-job coalescing state is only about work in flight."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping
+
+from . import actions, metrics
+from .api import (LABEL_JOB_NAME, TERMINAL_PHASES, SpecError, TrainingJobStatus, parse_spec,
+                  parse_status, status_to_dict)
+from .config import OperatorConfig
+from .core import (CreatePod, DeleteJob, DeletePod, Event, Observation, ProgressSample, decide,
+                   observe_pod, parse_time, status_changed_materially)
+from .kube import ApiError, KubeClient
+from .pods import build_pod
+from .progress import ProgressReader
+from .trainer_env import trainer_env
+
+log = logging.getLogger("finetune.reconcile")
+Key = tuple[str, str]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _rv(obj: Mapping | None) -> int:
+    try:
+        return int((obj or {}).get("metadata", {}).get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class JobState:
+    """Work in flight for one job (not job state: that lives in the API server)."""
+    running: bool = False
+    dirty: bool = False
+    pod_change_since: float | None = None   # monotonic time of the oldest unhandled pod change
+    last_reconcile: float = 0.0
+    last_progress_write: float = 0.0
+    sample: ProgressSample | None = None
+    sample_time: float = 0.0
+    wakeup: asyncio.TimerHandle | None = None
+    triggers: set = field(default_factory=set)
+
+
+class Reconciler:
+    def __init__(self, client: KubeClient, config: OperatorConfig,
+                 progress_reader: ProgressReader | None = None):
+        self.client, self.config = client, config
+        self.progress = progress_reader or ProgressReader(config.progress_timeout)
+        self.jobs: dict[Key, dict] = {}
+        self.state: dict[Key, JobState] = {}
+        # Bound by the kopf handlers to kopf's indices (filled before handlers run).
+        self.pod_index: Mapping | None = None
+        self.node_index: Mapping | None = None
+
+    # ---- inputs from watches -----------------------------------------------------
+    def bind(self, pod_index, node_index) -> None:
+        self.pod_index, self.node_index = pod_index, node_index
+
+    def job_seen(self, body: dict) -> Key:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if _rv(body) >= _rv(self.jobs.get(key)):
+            self.jobs[key] = body
+        return key
+
+    def job_gone(self, key: Key) -> None:
+        self.jobs.pop(key, None)
+        st = self.state.pop(key, None)
+        if st and st.wakeup:
+            st.wakeup.cancel()
+
+    def pod_changed(self, key: Key) -> None:
+        st = self.state.setdefault(key, JobState())
+        if st.pod_change_since is None:
+            st.pod_change_since = time.monotonic()
+
+    def pods_of(self, key: Key) -> list[dict]:
+        if self.pod_index is None:
+            return []
+        try:
+            return list(self.pod_index.get(key, ()))
+        except Exception:  # noqa: BLE001 - kopf's Store raises on concurrent change
+            return []
+
+    def fleet(self) -> Iterable[tuple[str, dict]]:
+        """Rows for the scrape-time gauges (metrics.FleetCollector)."""
+        now = utcnow()
+        for (ns, _name), job in list(self.jobs.items()):
+            status = job.get("status") or {}
+            phase = status.get("phase") or "Queued"
+            row: dict[str, Any] = {"phase": phase}
+            if phase == "Queued":
+                created = parse_time(job["metadata"].get("creationTimestamp"))
+                row["queued_for"] = (now - created).total_seconds() if created else None
+            stall = ((job.get("spec") or {}).get("runPolicy") or {}).get("stallTimeoutSeconds")
+            updated = parse_time(((status.get("progress") or {}).get("updateTime")))
+            if phase == "Running" and stall and updated:
+                row["stalling"] = (now - updated).total_seconds() > stall / 2
+            yield ns, row
+
+    # ---- triggering ----------------------------------------------------------------
+    async def trigger(self, key: Key, trigger: str) -> None:
+        """Run reconcile for key; calls that arrive while one runs coalesce into one more run."""
+        st = self.state.setdefault(key, JobState())
+        st.dirty = True
+        st.triggers.add(trigger)
+        if st.running:
+            return
+        st.running = True
+        try:
+            while st.dirty:
+                st.dirty = False
+                which = "pod" if "pod" in st.triggers else sorted(st.triggers)[0]
+                st.triggers.clear()
+                with metrics.RECONCILE_SECONDS.labels(which).time():
+                    try:
+                        await self.reconcile(key, which)
+                    except Exception as exc:  # noqa: BLE001 - loud, counted, retried by the timer
+                        metrics.RECONCILE_ERRORS.labels(which).inc()
+                        log.error("reconcile %s/%s failed: %s", key[0], key[1], exc,
+                                  exc_info=not isinstance(exc, (ApiError, OSError)))
+                        self._schedule(key, 5.0 + random.random() * 5)
+        finally:
+            st.running = False
+
+    def _schedule(self, key: Key, delay: float) -> None:
+        st = self.state.setdefault(key, JobState())
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        if st.wakeup and not st.wakeup.cancelled() and st.wakeup.when() <= when:
+            return
+        if st.wakeup:
+            st.wakeup.cancel()
+        st.wakeup = loop.call_at(when, lambda: asyncio.ensure_future(self.trigger(key, "wakeup")))
+
+    # ---- timer: progress + safety net --------------------------------------------------
+    async def tick(self, key: Key) -> None:
+        """Called by the kopf timer every progress_interval seconds for each live job."""
+        st = self.state.setdefault(key, JobState())
+        job = self.jobs.get(key)
+        if job is None:
+            return
+        phase = (job.get("status") or {}).get("phase")
+        changed = False
+        if phase == "Running":
+            sample = await self._scrape(key, job)
+            changed = sample is not None and sample != st.sample
+            if sample is not None or time.monotonic() - st.sample_time > 3 * self.config.progress_interval:
+                st.sample, st.sample_time = sample, time.monotonic()
+        due = time.monotonic() - st.last_reconcile >= self.config.timer_interval
+        if changed or due:
+            await self.trigger(key, "timer" if due else "progress")
+
+    async def _scrape(self, key: Key, job: dict) -> ProgressSample | None:
+        attempt = (job.get("status") or {}).get("attempt")
+        pod_name = f"{key[1]}-{attempt}"
+        for pod in self.pods_of(key):
+            if pod["metadata"]["name"] == pod_name:
+                ip = (pod.get("status") or {}).get("podIP")
+                port = _metrics_port(pod)
+                if ip and port:
+                    return await self.progress.read(ip, port)
+        return None
+
+    # ---- the reconcile ---------------------------------------------------------------------
+    def observe(self, job: dict, now: dt.datetime, sample: ProgressSample | None) -> Observation:
+        meta = job["metadata"]
+        spec, spec_error = None, None
+        try:
+            spec = parse_spec(job.get("spec"))
+        except SpecError as exc:
+            spec_error = exc.message
+        pods = tuple(p for p in (observe_pod(b) for b in self.pods_of((meta["namespace"], meta["name"])))
+                     if p is not None)
+        return Observation(
+            now=now, status=parse_status(job.get("status")), spec=spec, spec_error=spec_error,
+            job_name=meta["name"], generation=meta.get("generation"), pods=pods,
+            unready_nodes=self._unready_nodes(pods), node_lost_after_seconds=self.config.node_lost_seconds,
+            progress=sample, allow_privileged=self.config.allow_privileged_templates,
+            creation_time=parse_time(meta.get("creationTimestamp")))
+
+    def _unready_nodes(self, pods) -> dict[str, dt.datetime | None]:
+        out: dict[str, dt.datetime | None] = {}
+        if self.node_index is None:
+            return out
+        for pod in pods:
+            node = pod.node_name
+            if not node or node in out:
+                continue
+            facts = list(self.node_index.get(node, ()))
+            if not facts:
+                out[node] = None  # the Node object is gone
+            elif not facts[0]["ready"]:
+                out[node] = parse_time(facts[0]["since"])
+        return out
+
+    async def reconcile(self, key: Key, trigger: str) -> None:
+        st = self.state.setdefault(key, JobState())
+        st.last_reconcile = time.monotonic()
+        pod_change_since, st.pod_change_since = st.pod_change_since, None
+        job = self.jobs.get(key)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return
+        for _ in range(5):
+            now = utcnow()
+            obs = self.observe(job, now, st.sample)
+            decision = decide(obs)
+            old_status = obs.status
+            new_dict = status_to_dict(decision.status)
+            written = False
+            if new_dict != (job.get("status") or {}):
+                material = status_changed_materially(old_status, decision.status)
+                due = time.monotonic() - st.last_progress_write >= self.config.progress_write_interval
+                if material or due or not job.get("status"):
+                    if trigger == "timer":
+                        self._count_stale_correction(key, job, obs)
+                    try:
+                        job = await actions.replace_status(self.client, job, new_dict)
+                    except actions.Conflict:
+                        job = await self._refetch(key)
+                        if job is None:
+                            return
+                        continue
+                    self.jobs[key] = job
+                    st.last_progress_write = time.monotonic()
+                    written = True
+                    self._record_metrics(key, job, old_status, decision.status, now)
+            if written and pod_change_since is not None:
+                metrics.STATUS_LAG.observe(time.monotonic() - pod_change_since)
+            await self._act(key, job, decision, obs)
+            if decision.requeue_after is not None:
+                self._schedule(key, max(0.2, float(decision.requeue_after)))
+            return
+        log.warning("reconcile %s/%s: gave up after repeated conflicts; the timer retries",
+                    key[0], key[1])
+
+    async def _refetch(self, key: Key) -> dict | None:
+        try:
+            job = await self.client.get(self.client.job_path(*key))
+        except ApiError as exc:
+            if exc.status == 404:
+                self.job_gone(key)
+                return None
+            raise
+        self.jobs[key] = job
+        return job
+
+    async def _act(self, key: Key, job: dict, decision, obs: Observation) -> None:
+        ns, name = key
+        for action in decision.actions:
+            if isinstance(action, CreatePod):
+                if obs.spec is None:
+                    continue
+                pod = build_pod(name, ns, job["metadata"]["uid"], obs.spec, action.attempt,
+                                trainer_env=trainer_env(obs.spec))
+                outcome = await actions.create_pod(self.client, ns, pod)
+                if outcome == "created":
+                    metrics.ATTEMPTS.labels(ns).inc()
+                log.info("%s/%s: pod %s %s", ns, name, pod["metadata"]["name"], outcome)
+            elif isinstance(action, DeletePod):
+                await actions.delete_pod(self.client, ns, action.name, action.uid,
+                                         action.grace_seconds)
+                log.info("%s/%s: deleting pod %s (%s)", ns, name, action.name, action.reason)
+            elif isinstance(action, Event):
+                await actions.post_event(self.client, job, action.type, action.reason,
+                                         action.message)
+            elif isinstance(action, DeleteJob):
+                await actions.delete_job(self.client, ns, name, job["metadata"]["uid"])
+                log.info("%s/%s: deleted (%s)", ns, name, action.reason)
+
+    # ---- metrics -------------------------------------------------------------------------
+    def _record_metrics(self, key: Key, job: dict, old: TrainingJobStatus,
+                        new: TrainingJobStatus, now: dt.datetime) -> None:
+        ns = key[0]
+        old_phase = old.phase.value if hasattr(old.phase, "value") else old.phase
+        new_phase = new.phase.value if hasattr(new.phase, "value") else new.phase
+        if old_phase != new_phase:
+            metrics.TRANSITIONS.labels(ns, old_phase or "None", new_phase or "None",
+                                       new.reason or "").inc()
+            created = parse_time(job["metadata"].get("creationTimestamp"))
+            if new_phase == "Running" and new.attempt == 1 and created:
+                metrics.QUEUED_SECONDS.observe(max(0.0, (now - created).total_seconds()))
+        reason = (new.last_interruption.reason if new.last_interruption else None) or "Unknown"
+        if new.resumes > old.resumes:
+            metrics.RESUMES.labels(ns, reason).inc(new.resumes - old.resumes)
+            started = new.attempt_start_time or old.attempt_start_time
+            gpus = ((job.get("spec") or {}).get("resources") or {}).get("gpus", 1)
+            if started:
+                seconds = max(0.0, (now - started).total_seconds()) * float(gpus or 0)
+                metrics.INTERRUPTED_GPU_SECONDS.labels(ns, reason).inc(seconds)
+        if new.failures > old.failures:
+            metrics.FAILURES.labels(ns, reason).inc(new.failures - old.failures)
+        old_step = (old.progress.step if old.progress else None) or 0
+        new_step = (new.progress.step if new.progress else None) or 0
+        created = parse_time(job["metadata"].get("creationTimestamp"))
+        if old_step == 0 and new_step > 0 and new.attempt == 1 and created:
+            metrics.TIME_TO_FIRST_STEP.observe(max(0.0, (now - created).total_seconds()))
+
+    def _count_stale_correction(self, key: Key, job: dict, obs: Observation) -> None:
+        """The timer is the safety net: if the pods alone (clock frozen at the last status
+        change, no new progress) already imply another phase, an event was missed."""
+        status = obs.status
+        times = [c.last_transition_time for c in status.conditions if c.last_transition_time]
+        if not times or status.phase is None:
+            return
+        frozen = decide(replace(obs, now=max(times), progress=None))
+        if frozen.status.phase != status.phase:
+            metrics.STALE_CORRECTIONS.labels(key[0]).inc()
+            log.warning("%s/%s: status said %s but the pods say %s (missed event corrected)",
+                        key[0], key[1], status.phase, frozen.status.phase)
+
+
+def _metrics_port(pod: dict) -> int | None:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for port in c.get("ports") or []:
+            if port.get("name") == "metrics":
+                return port.get("containerPort")
+    return None
+
+
+def is_live(status: Mapping | None) -> bool:
+    return (status or {}).get("phase") not in TERMINAL_PHASES
+
+
+def job_key_of_pod(namespace: str, labels: Mapping[str, str]) -> Key | None:
+    name = labels.get(LABEL_JOB_NAME)
+    return (namespace, name) if name else None

@@ -1,0 +1,33 @@
+"""The trainer's environment for a job, through the trainer's own contract module
+(torch-free), so the names are defined once."""
+from __future__ import annotations
+
+import posixpath
+
+from finetune_trainer.contract import DEFAULT_METRICS_PORT, TrainerConfig
+
+from .api import TrainingJobSpec
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
+    hp, lora, ckpt = spec.hyperparameters, spec.lora, spec.checkpoint
+    return TrainerConfig(
+        model=spec.model, dataset=spec.dataset.path, text_field=spec.dataset.text_field,
+        prompt_field=spec.dataset.prompt_field, completion_field=spec.dataset.completion_field,
+        output_dir=posixpath.join(ckpt.mount_path, "output"),
+        checkpoint_dir=posixpath.join(ckpt.mount_path, "checkpoints"),
+        save_steps=ckpt.every_steps, save_total_limit=ckpt.keep,
+        max_steps=hp.max_steps, epochs=hp.epochs, learning_rate=hp.learning_rate,
+        batch_size=hp.batch_size, grad_accum=hp.gradient_accumulation_steps,
+        seq_len=hp.sequence_length, seed=hp.seed,
+        lora_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        lora_target_modules=tuple(lora.target_modules),
+        metrics_port=DEFAULT_METRICS_PORT, metrics_addr="0.0.0.0",
+        termination_log=TERMINATION_LOG, nproc_per_node=max(1, spec.resources.gpus),
+    )
+
+
+def trainer_env(spec: TrainingJobSpec) -> dict[str, str]:
+    return trainer_config(spec).to_env()

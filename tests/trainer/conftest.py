@@ -1,0 +1,57 @@
+"""Fixtures for the trainer tests: a tiny random Llama + byte-level BPE tokenizer on disk
+(loaded by the trainer through the real from_pretrained path), small JSONL datasets, and a
+helper that runs ``python -m finetune_trainer`` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+
+# Offline and quiet before anything imports transformers (trainer.md pitfalls 3 and 11).
+for _var, _val in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("HF_DATASETS_OFFLINE", "1"),
+    ("TRANSFORMERS_OFFLINE", "1"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+    ("OMP_NUM_THREADS", "1"),
+):
+    os.environ.setdefault(_var, _val)
+
+from pathlib import Path
+
+import pytest
+from trainerkit import make_env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    from finetune_trainer.testing import build_tiny_model
+
+    hf_logging.disable_progress_bar()
+    d = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    from finetune_trainer.testing import text_dataset
+
+    return Path(text_dataset(str(tmp_path_factory.mktemp("data") / "train.jsonl"), n=400))
+
+
+@pytest.fixture(scope="session")
+def pc_data(tmp_path_factory) -> Path:
+    from finetune_trainer.testing import prompt_completion_dataset
+
+    return Path(prompt_completion_dataset(str(tmp_path_factory.mktemp("pcdata") / "pc.jsonl"), n=100))
+
+
+@pytest.fixture
+def trainer_env(tmp_path, tiny_model, text_data):
+    def _make(**ft: object) -> dict[str, str]:
+        return make_env(tmp_path, tiny_model, text_data, **ft)
+
+    return _make

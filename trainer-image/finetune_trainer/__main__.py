@@ -1,0 +1,74 @@
+"""Entry point: ``python -m finetune_trainer [flags]`` or the ``finetune-trainer`` script.
+
+Configuration comes from the FT_* environment variables (docs/CONTRACTS.md); a CLI flag
+overrides its variable. Exit codes: 0 completed, 143 stopped by SIGTERM after a checkpoint,
+78 bad configuration, 1 other errors. A JSON termination message is written on every exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+# Quiet, offline-friendly defaults; set before transformers can be imported (pitfalls 3, 11).
+# HF_HUB_OFFLINE itself is left to the environment (the image sets it).
+for _k, _v in (
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("HF_HUB_DISABLE_TELEMETRY", "1"),
+    ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+):
+    os.environ.setdefault(_k, _v)
+
+from . import contract as c  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # bad flags are a configuration error (78), not exit 2
+        raise c.ConfigError(f"bad command line: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="finetune-trainer",
+        description="LoRA fine-tuning trainer. Every flag defaults to its FT_* environment variable.",
+    )
+    for f in dataclasses.fields(c.TrainerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=f"overrides {f.metadata['env']}")
+    return p
+
+
+def parse_config(argv: list[str], env=None) -> c.TrainerConfig:
+    """FT_* environment, then CLI flags on top. Raises ConfigError."""
+    cfg = c.TrainerConfig.from_env(os.environ if env is None else env)
+    ns = build_parser().parse_args(argv)
+    changes = {}
+    for f in dataclasses.fields(c.TrainerConfig):
+        raw = getattr(ns, f.name)
+        if raw is not None and raw.strip():  # an empty flag value leaves the env/default
+            changes[f.name] = c.parse_field(f.name, raw)
+    return cfg.replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(argv)
+    except c.ConfigError as e:
+        # Nothing parsed: report with what the environment says about the log path.
+        path = os.environ.get(c.ENV_TERMINATION_LOG) or c.DEFAULT_TERMINATION_LOG
+        reason = c.one_line(str(e))
+        print(f"configuration error: {reason}", file=sys.stderr, flush=True)
+        if not (os.environ.get("LOCAL_RANK") and os.environ.get("RANK", "0") != "0"):
+            c.write_termination_message(path, c.termination_message(c.OUTCOME_CONFIG_ERROR, message=reason))
+        return c.EXIT_CONFIG_ERROR
+    from .launch import main as launch_main
+
+    return launch_main(cfg, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Checkpoint discovery (torch-free).
+
+A checkpoint directory ``checkpoint-<step>`` is *complete* when it holds
+``trainer_state.json`` (the HF Trainer writes it last) and no
+``checkpoint-is-incomplete.txt`` sentinel (written by transformers' JIT checkpointing
+while a save is in progress). ``transformers.trainer_utils.get_last_checkpoint`` ignores
+both (trainer.md pitfall 1), hence this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import stat
+
+CHECKPOINT_PREFIX = "checkpoint"
+TRAINER_STATE_NAME = "trainer_state.json"
+INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
+# Incomplete checkpoints are renamed to this prefix: out of the way of the HF Trainer's
+# `checkpoint-*` glob (rotation, a later save of the same step) and of this picker.
+QUARANTINE_PREFIX = "incomplete-"
+
+_RE_CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    path: str
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """Result of scanning a checkpoint directory."""
+
+    latest: Checkpoint | None
+    complete: tuple[Checkpoint, ...]
+    incomplete: tuple[Checkpoint, ...]  # half-written: skipped
+
+    @property
+    def skipped_names(self) -> list[str]:
+        return [os.path.basename(c.path) for c in self.incomplete]
+
+
+def checkpoint_step(name: str) -> int | None:
+    """Step of a ``checkpoint-<step>`` directory name, else None."""
+    m = _RE_CHECKPOINT.match(os.path.basename(os.path.normpath(name)))
+    return int(m.group(1)) if m else None
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)) and not os.path.exists(
+        os.path.join(path, INCOMPLETE_SENTINEL)
+    )
+
+
+def scan(directory: str) -> Scan:
+    """Classify the ``checkpoint-<step>`` directories under ``directory``.
+
+    A missing directory scans as empty.
+    """
+    complete: list[Checkpoint] = []
+    incomplete: list[Checkpoint] = []
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for name in names:
+        step = checkpoint_step(name)
+        path = os.path.join(directory, name)
+        if step is None or not os.path.isdir(path):
+            continue
+        (complete if is_complete(path) else incomplete).append(Checkpoint(path, step))
+    complete.sort(key=lambda c: c.step)
+    incomplete.sort(key=lambda c: c.step)
+    return Scan(complete[-1] if complete else None, tuple(complete), tuple(incomplete))
+
+
+def latest_complete_checkpoint(directory: str) -> Checkpoint | None:
+    """The complete checkpoint with the highest step, or None."""
+    return scan(directory).latest
+
+
+def quarantine(checkpoint: Checkpoint) -> str:
+    """Rename an incomplete checkpoint to ``incomplete-checkpoint-<step>``; returns the new path.
+
+    An older quarantined copy of the same step is replaced.
+    """
+    parent, name = os.path.split(checkpoint.path)
+    target = os.path.join(parent, QUARANTINE_PREFIX + name)
+    if os.path.lexists(target):
+        shutil.rmtree(target, ignore_errors=True)
+    os.replace(checkpoint.path, target)
+    return target
+
+
+def make_world_readable(path: str, suffix: str = ".safetensors") -> int:
+    """chmod 0644 the ``*.safetensors`` files under ``path`` (safetensors 0.8 writes 0600).
+
+    Returns how many files were changed.
+    """
+    changed = 0
+    for root, _dirs, files in os.walk(path):
+        for fn in files:
+            if not fn.endswith(suffix):
+                continue
+            fp = os.path.join(root, fn)
+            try:
+                mode = stat.S_IMODE(os.stat(fp).st_mode)
+                if mode & 0o044 != 0o044:
+                    os.chmod(fp, mode | 0o644)
+                    changed += 1
+            except OSError:
+                pass
+    return changed

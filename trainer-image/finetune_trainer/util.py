@@ -1,0 +1,60 @@
+"""Small torch-free helpers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+LOG = logging.getLogger("finetune_trainer")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file + fsync + rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def setup_logging(rank: int = 0) -> None:
+    """One readable line per record on stdout (``kubectl logs``)."""
+    root = logging.getLogger("finetune_trainer")
+    if getattr(root, "_ft_configured", False):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    root._ft_configured = True  # type: ignore[attr-defined]
+
+
+def env_rank() -> int:
+    """Global rank from the environment torchrun sets (0 when absent)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def env_local_rank() -> int:
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0

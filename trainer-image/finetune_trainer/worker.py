@@ -1,0 +1,203 @@
+"""One training process (single-process mode, or one torchrun worker).
+
+Torch-free at import time: cheap configuration checks (dataset, model path) run before
+torch/transformers are imported, so a bad configuration exits 78 within a second.
+Only global rank 0 serves metrics and writes the termination message and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import traceback
+from typing import Any
+
+from . import checkpoints as ckpts
+from . import contract as c
+from .util import LOG, env_rank, setup_logging
+
+
+class PreemptedBeforeTraining(BaseException):
+    """SIGTERM arrived before the training loop began: nothing new to save.
+
+    A BaseException (like KeyboardInterrupt) so library code catching Exception while
+    loading the model does not swallow it.
+    """
+
+
+class StopSignal:
+    """SIGTERM/SIGINT → a flag, serviced at the next step boundary.
+
+    Before the training loop starts there is nothing to save, so the handler raises
+    :class:`PreemptedBeforeTraining` instead (model loading can take minutes).
+    Signal handlers can only be installed from the main thread (pitfall 8); elsewhere
+    this is a no-op apart from :meth:`request`.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self.training_started = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            LOG.warning("not on the main thread: SIGTERM handling disabled")
+            return False
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return True
+
+    def uninstall(self) -> None:
+        for s, prev in self._previous.items():
+            try:
+                signal.signal(s, prev)
+            except (ValueError, TypeError):
+                pass
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        first = not self.event.is_set()
+        self.request(signum)
+        if first and not self.training_started:
+            raise PreemptedBeforeTraining(signal.Signals(signum).name)
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
+
+
+class Report:
+    """What the termination message will say; filled in as training goes."""
+
+    def __init__(self, cfg: c.TrainerConfig, enabled: bool) -> None:
+        self.cfg = cfg
+        self.enabled = enabled
+        self.step = 0
+        self.max_steps: int | None = cfg.max_steps
+        self.checkpoint: str | None = None
+        self.checkpoint_step: int | None = None
+        self.loss: float | None = None
+        self.resumed_from: int | None = None
+        self.skipped: list[str] = []
+        self.written: dict[str, Any] | None = None
+
+    def refresh_checkpoint(self) -> None:
+        """Latest complete checkpoint on disk (cheap; rank 0 only)."""
+        if not self.enabled:
+            return
+        try:
+            latest = ckpts.latest_complete_checkpoint(self.cfg.effective_checkpoint_dir)
+        except OSError:
+            return
+        if latest is not None:
+            self.checkpoint, self.checkpoint_step = latest.path, latest.step
+
+    def finish(self, outcome: str, message: str) -> dict[str, Any]:
+        msg = c.termination_message(
+            outcome,
+            step=self.step,
+            max_steps=self.max_steps,
+            checkpoint=self.checkpoint,
+            checkpoint_step=self.checkpoint_step,
+            loss=self.loss,
+            resumed_from=self.resumed_from,
+            message=message,
+        )
+        self.written = msg
+        if self.enabled:
+            if not c.write_termination_message(self.cfg.termination_log, msg):
+                LOG.warning("could not write the termination message to %s", self.cfg.termination_log)
+        return msg
+
+
+def check_model_path(model: str) -> str:
+    """Resolve a local model directory to an absolute path (pitfall 4), else keep the hub id.
+
+    A string that looks like a path but is not a readable directory with a config.json is a
+    config error (from_pretrained would report a misleading "Repo id must be..." error).
+    """
+    if not model:
+        raise c.ConfigError("no model given")
+    expanded = os.path.expanduser(model)
+    looks_local = expanded.startswith(("/", "./", "../")) or os.path.exists(expanded)
+    if not looks_local:
+        return model
+    path = os.path.abspath(expanded)
+    if not os.path.isdir(path):
+        raise c.ConfigError(f"model path is not a directory: {model}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise c.ConfigError(f"model directory is not readable: {model}")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file) or not os.access(cfg_file, os.R_OK):
+        raise c.ConfigError(f"model directory has no readable config.json: {model}")
+    return path
+
+
+def run(cfg: c.TrainerConfig) -> int:
+    """Train according to ``cfg``; returns the process exit code. Never raises."""
+    rank = env_rank()
+    setup_logging(rank)
+    report = Report(cfg, enabled=(rank == 0))
+    stopper = StopSignal()
+    stopper.install()
+    metrics = None
+    try:
+        try:
+            problems = cfg.problems()
+            if problems:
+                raise c.ConfigError("; ".join(problems))
+            from . import data
+
+            examples = data.load_examples(cfg)
+            model_path = check_model_path(cfg.model)
+            if rank == 0:
+                from .metrics import TrainerMetrics
+
+                metrics = TrainerMetrics()
+                if cfg.max_steps:
+                    metrics.total_steps.set(cfg.max_steps)
+                port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.output_dir)
+                LOG.info("metrics on http://%s:%d%s", cfg.metrics_addr, port, c.METRICS_PATH)
+            from . import training
+
+            outcome, message = training.train(cfg, model_path, examples, stopper, report, metrics)
+        except c.ConfigError as e:
+            reason = c.one_line(str(e))
+            LOG.error("configuration error: %s", reason)
+            report.finish(c.OUTCOME_CONFIG_ERROR, reason)
+            return c.EXIT_CONFIG_ERROR
+        except PreemptedBeforeTraining as e:
+            report.refresh_checkpoint()
+            if report.checkpoint_step is not None:
+                report.step = max(report.step, report.checkpoint_step)
+            msg = f"stopped by {e} before training started; nothing new to save"
+            LOG.warning(msg)
+            report.finish(c.OUTCOME_PREEMPTED, msg)
+            return stopper.exit_code
+        except Exception as e:  # noqa: BLE001 - every failure must leave a termination message
+            traceback.print_exc()
+            report.refresh_checkpoint()
+            msg = f"{type(e).__name__}: {e}"
+            LOG.error("training failed: %s", c.one_line(msg))
+            report.finish(c.OUTCOME_ERROR, msg)
+            return c.EXIT_ERROR
+        report.finish(outcome, message)
+        if rank == 0:
+            LOG.info("%s: %s", outcome, message)
+        return c.OUTCOME_EXIT_CODES[outcome] if outcome != c.OUTCOME_PREEMPTED else stopper.exit_code
+    finally:
+        stopper.uninstall()
+        if metrics is not None:
+            metrics.close()
