@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TRANSFORMERS_VERBOSITY := error
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv binaries test test-unit test-cluster test-trainer manifests check-manifests \
+.PHONY: help venv binaries tools test test-unit test-cluster test-trainer manifests check-manifests \
         cluster-up cluster-down run install demo bench chaos lint clean
 
 help:
@@ -38,8 +38,13 @@ binaries:
 
 manifests: $(STAMP)
 	$(VPY) -m finetune_operator.api.crd --write crds/
+	bash hack/sync-crd.sh
+	$(VPY) hack/gen-prometheusrule.py
 
-test: $(STAMP) binaries
+tools:
+	bash hack/install-tools.sh
+
+test: $(STAMP) binaries tools
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)

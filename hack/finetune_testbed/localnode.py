@@ -96,6 +96,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -455,6 +456,8 @@ class PodWorker(threading.Thread):
             return True
 
         if self.proc is None:
+            if shutdown:
+                return True    # nothing runs here; the pod's state is left as it is
             if self.start_error is not None:
                 # The command could not be executed: terminated with exit 128.
                 if not self.final_written:
@@ -467,8 +470,6 @@ class PodWorker(threading.Thread):
                 return self._finish_or_delete(v)
             if v.deleting:
                 return self._delete_for_good(v)
-            if shutdown:
-                return True
             self._start(v)
             return False
 
@@ -516,7 +517,7 @@ class PodWorker(threading.Thread):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             logf.write(f"--- {now_iso()} localnode {self.agent.node_name}: pod {v.key} "
-                       f"uid {v.uid}: {' '.join(argv)}\n".encode())
+                       f"uid {v.uid}: {shlex.join(argv)}\n".encode())
             logf.flush()
             self.log_offset = logf.tell()
             try:
@@ -1283,10 +1284,11 @@ class Agent:
                 lst = self.kube.get(path, query={"fieldSelector": selector},
                                     timeout=REQUEST_TIMEOUT * 3)
                 rv = lst["metadata"]["resourceVersion"]
-                seen = set()
-                for pod in lst.get("items") or []:
-                    seen.add(pod["metadata"]["uid"])
+                items = lst.get("items") or []
+                seen = {pod["metadata"]["uid"] for pod in items}
+                for pod in items:      # before any new pod is given an address
                     self.ips.reserve((pod.get("status") or {}).get("podIP"))
+                for pod in items:
                     self.dispatch("LISTED", pod)
                 with self.lock:
                     missing = [w for uid, w in self.workers.items() if uid not in seen]

@@ -18,6 +18,7 @@ from .handlers import register
 from .health import HealthServer
 from .kube import ApiError, KubeClient
 from .leader import LeaderElector
+from . import metrics
 from .metrics import REGISTRY, FleetCollector
 from .preflight import PreflightError, preflight
 from .reconciler import Reconciler
@@ -60,6 +61,8 @@ async def run(cfg: OperatorConfig) -> int:
                 acquire.cancel()
                 return 0
             asyncio.ensure_future(elector.keep_renewing())
+        else:
+            metrics.LEADER.set(1)
         registry = kopf.OperatorRegistry()
         register(registry, reconciler, cfg)
 

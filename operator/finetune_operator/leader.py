@@ -1,15 +1,16 @@
 """Leader election on a coordination.k8s.io Lease: one active replica, standbys wait.
 
-The active replica renews the Lease every lease_duration/3 seconds. A standby takes
-the Lease over once renewTime + leaseDurationSeconds has passed. A leader that cannot
-renew in time stops acting (the process exits, the Deployment restarts it as a standby),
-so two replicas never reconcile at once for longer than one lease duration."""
+Timings follow client-go: lease 15 s, renew deadline 10 s, retry every 2 s. A standby
+takes the Lease over only once renewTime + leaseDurationSeconds has passed; a leader
+that could not renew for the renew deadline stops acting (the process exits and the
+Deployment restarts it as a standby) before any standby may take over."""
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import logging
 
+from . import metrics
 from .kube import ApiError, KubeClient
 
 log = logging.getLogger("finetune.leader")
@@ -31,11 +32,13 @@ def _parse(value: str | None) -> dt.datetime | None:
 
 class LeaderElector:
     def __init__(self, client: KubeClient, namespace: str, name: str, identity: str,
-                 lease_duration: float = 15.0):
+                 lease_duration: float = 15.0, retry_period: float = 2.0):
         self.client, self.identity = client, identity
         self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
         self.collection = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
         self.name, self.duration = name, lease_duration
+        self.retry = retry_period
+        self.renew_deadline = lease_duration * 2 / 3
         self.lost = asyncio.Event()
         self.acquired_at: dt.datetime | None = None
 
@@ -86,6 +89,7 @@ class LeaderElector:
             try:
                 if await self.try_acquire():
                     self.acquired_at = _now()
+                    metrics.LEADER.set(1)
                     log.info("became leader (lease %s, identity %s)", self.name, self.identity)
                     return
             except Exception as exc:  # noqa: BLE001 - API down: keep waiting, loudly
@@ -93,23 +97,26 @@ class LeaderElector:
             if not logged:
                 log.info("standby: lease %s is held by another replica; waiting", self.name)
                 logged = True
-            await asyncio.sleep(max(1.0, self.duration / 5))
+            await asyncio.sleep(self.retry)
 
     async def keep_renewing(self) -> None:
         last_renew = asyncio.get_running_loop().time()
         while not self.lost.is_set():
-            await asyncio.sleep(self.duration / 3)
+            await asyncio.sleep(self.retry)
             try:
                 if await self.try_acquire():
                     last_renew = asyncio.get_running_loop().time()
                     continue
                 log.error("lost the lease %s to another replica", self.name)
                 self.lost.set()
+                metrics.LEADER.set(0)
             except Exception as exc:  # noqa: BLE001
                 log.warning("lease renewal failed: %s", exc)
-                if asyncio.get_running_loop().time() - last_renew > self.duration:
-                    log.error("could not renew the lease for %.0fs; stepping down", self.duration)
+                if asyncio.get_running_loop().time() - last_renew > self.renew_deadline:
+                    log.error("could not renew the lease for %.0fs; stepping down",
+                              self.renew_deadline)
                     self.lost.set()
+                    metrics.LEADER.set(0)
 
     async def release(self) -> None:
         """Hand over at once on a clean shutdown instead of making standbys wait."""

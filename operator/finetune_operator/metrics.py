@@ -38,6 +38,10 @@ TIME_TO_FIRST_STEP = Histogram(P + "time_to_first_step_seconds",
 INTERRUPTED_GPU_SECONDS = Counter(P + "interrupted_gpu_seconds_total",
                                   "GPU-seconds of attempts that ended in an interruption.",
                                   ["namespace", "reason"], registry=REGISTRY)
+LEADER = Gauge(P + "leader", "1 on the replica that holds the leader Lease (always 1 without "
+               "--leader-elect), 0 on a standby.", registry=REGISTRY)
+for _trigger in ("job", "pod", "timer"):
+    RECONCILE_ERRORS.labels(_trigger)  # exported at 0 so the first error is an increase
 API_READY = Gauge(P + "api_ready", "1 when the last Kubernetes API call succeeded.",
                   registry=REGISTRY)
 

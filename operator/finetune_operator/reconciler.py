@@ -61,6 +61,7 @@ class Reconciler:
         self.progress = progress_reader or ProgressReader(config.progress_timeout)
         self.jobs: dict[Key, dict] = {}
         self.state: dict[Key, JobState] = {}
+        self._namespaces_seen: set[str] = set()
         # Bound by the kopf handlers to kopf's indices (filled before handlers run).
         self.pod_index: Mapping | None = None
         self.node_index: Mapping | None = None
@@ -71,6 +72,9 @@ class Reconciler:
 
     def job_seen(self, body: dict) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if key[0] not in self._namespaces_seen:
+            self._namespaces_seen.add(key[0])
+            metrics.STALE_CORRECTIONS.labels(key[0])  # exported at 0 so alerts see the first one
         if _rv(body) >= _rv(self.jobs.get(key)):
             self.jobs[key] = body
         return key

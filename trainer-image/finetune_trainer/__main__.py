@@ -54,7 +54,25 @@ def parse_config(argv: list[str], env=None) -> c.TrainerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the trainer; returns the exit code.
+
+    Called without ``argv`` (as a program: ``python -m finetune_trainer`` or the console
+    script) the process ends with ``os._exit`` once the termination message is written and
+    output flushed: interpreter teardown of torch takes seconds, which would only eat into
+    the pod's grace period. Every file the trainer writes is closed before that point.
+    """
+    if argv is None:
+        rc = _run(list(sys.argv[1:]))
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(rc)
+    return _run(list(argv))
+
+
+def _run(argv: list[str]) -> int:
     try:
         cfg = parse_config(argv)
     except c.ConfigError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
@@ -61,8 +62,18 @@ class TrainerMetrics:
             atomic_write_text(os.path.join(port_file_dir, c.METRICS_PORT_FILE), f"{self.port}\n")
         return self.port
 
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+    def close(self, wait: bool = True) -> None:
+        """Stop serving. ``shutdown`` waits up to the server's 0.5 s poll interval;
+        ``wait=False`` does that in a daemon thread (used on the exit path)."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+
+        def _stop() -> None:
+            server.shutdown()
+            server.server_close()
+
+        if wait:
+            _stop()
+        else:
+            threading.Thread(target=_stop, name="metrics-close", daemon=True).start()

@@ -200,4 +200,4 @@ def run(cfg: c.TrainerConfig) -> int:
     finally:
         stopper.uninstall()
         if metrics is not None:
-            metrics.close()
+            metrics.close(wait=False)

@@ -202,6 +202,8 @@ def _resume(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) 
 def _suspend(obs: Observation, status: TrainingJobStatus) -> Step:
     live = live_pods(obs)
     if live:
+        if status.phase is None:  # a new job must show a phase even while strays stop
+            status = _update(status, phase="Queued", reason="Suspending", message="waiting for pods to stop")
         return status, stop_pods(obs, live, "Suspended")
     if status.phase == "Suspended":
         return status, []
