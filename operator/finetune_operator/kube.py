@@ -6,6 +6,8 @@ last call reached the API server (the readiness probe reads that)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import ssl
 import tempfile
 import time
@@ -19,6 +21,35 @@ from . import metrics
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "trainingjobs"
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
+
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class FaultInjection:
+    """Test-only hooks, off unless the environment asks for them:
+    FINETUNE_WRITE_LOG=<file> appends one JSON line per mutating API call;
+    FINETUNE_CRASH_AFTER_WRITES=<n> SIGKILLs this process right after its n-th one
+    (the crash-at-every-write reliability test)."""
+
+    def __init__(self, env=os.environ):
+        self.log_path = env.get("FINETUNE_WRITE_LOG")
+        crash = env.get("FINETUNE_CRASH_AFTER_WRITES")
+        self.crash_after = int(crash) if crash else None
+        self.writes = 0
+
+    def after_write(self, method: str, path: str, status: int) -> None:
+        if self.log_path is None and self.crash_after is None:
+            return
+        if "selfsubjectaccessreviews" in path or "/leases" in path:
+            return  # start-up checks and leader election: not the reconcile's writes
+        self.writes += 1
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"n": self.writes, "method": method, "path": path,
+                                    "status": status}) + "\n")
+        if self.crash_after is not None and self.writes >= self.crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ApiError(Exception):
@@ -86,6 +117,7 @@ class KubeClient:
         self._info: kopf.ConnectionInfo | None = None
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=5)
         self.state = ApiState()
+        self.faults = FaultInjection()
 
     async def _ensure(self) -> None:
         if self._session is not None:
@@ -121,6 +153,8 @@ class KubeClient:
             metrics.API_READY.set(0)
             raise
         metrics.API_REQUESTS.labels(method.lower(), resource, str(status)).inc()
+        if method in MUTATING and status < 500:
+            self.faults.after_write(method, path, status)
         self.state.ready, self.state.last_success = True, time.time()
         metrics.API_READY.set(1)
         try:
