@@ -38,6 +38,9 @@ TIME_TO_FIRST_STEP = Histogram(P + "time_to_first_step_seconds",
 INTERRUPTED_GPU_SECONDS = Counter(P + "interrupted_gpu_seconds_total",
                                   "GPU-seconds of attempts that ended in an interruption.",
                                   ["namespace", "reason"], registry=REGISTRY)
+PROGRESS_SCRAPES = Counter(P + "progress_scrapes_total",
+                           "Reads of trainers' metrics endpoints by result (ok, unreachable).",
+                           ["result"], registry=REGISTRY)
 LEADER = Gauge(P + "leader", "1 on the replica that holds the leader Lease (always 1 without "
                "--leader-elect), 0 on a standby.", registry=REGISTRY)
 for _trigger in ("job", "pod", "timer"):

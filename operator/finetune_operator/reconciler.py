@@ -48,7 +48,8 @@ class JobState:
     pod_change_since: float | None = None   # monotonic time of the oldest unhandled pod change
     last_reconcile: float = 0.0
     last_progress_write: float = 0.0
-    sample: ProgressSample | None = None
+    sample: ProgressSample | None = None   # last successful read for sample_attempt
+    sample_attempt: int | None = None
     sample_time: float = 0.0
     wakeup: asyncio.TimerHandle | None = None
     triggers: set = field(default_factory=set)
@@ -156,12 +157,17 @@ class Reconciler:
         job = self.jobs.get(key)
         if job is None:
             return
-        phase = (job.get("status") or {}).get("phase")
+        status = job.get("status") or {}
         changed = False
-        if phase == "Running":
+        if status.get("attempt") != st.sample_attempt:
+            st.sample, st.sample_attempt = None, status.get("attempt")
+        if status.get("phase") == "Running":
             sample = await self._scrape(key, job)
-            changed = sample is not None and sample != st.sample
-            if sample is not None or time.monotonic() - st.sample_time > 3 * self.config.progress_interval:
+            # Keep the last answer when a read fails: a trainer that answered before and
+            # stopped answering (frozen, SIGSTOPped) must not reset the stall clock, while
+            # one that never answered stays "unknown" (None), never a stall.
+            if sample is not None:
+                changed = sample != st.sample
                 st.sample, st.sample_time = sample, time.monotonic()
         due = time.monotonic() - st.last_reconcile >= self.config.timer_interval
         if changed or due:
@@ -175,7 +181,9 @@ class Reconciler:
                 ip = (pod.get("status") or {}).get("podIP")
                 port = _metrics_port(pod)
                 if ip and port:
-                    return await self.progress.read(ip, port)
+                    sample = await self.progress.read(ip, port)
+                    metrics.PROGRESS_SCRAPES.labels("ok" if sample else "unreachable").inc()
+                    return sample
         return None
 
     # ---- the reconcile ---------------------------------------------------------------------

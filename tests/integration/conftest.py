@@ -15,6 +15,9 @@ from finetune_testbed.operator_proc import OperatorProcess
 
 CRD = REPO / "crds" / "finetune.dev_trainingjobs.yaml"
 LAGS: list[float] = []
+# The job phase a pod phase change should lead to (the pairs the lag is measured on).
+EXPECTED_JOB_PHASES = {"Running": ("Running",), "Succeeded": ("Succeeded",),
+                       "Failed": ("Resuming", "Failed")}
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +64,7 @@ class LagRecorder:
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         self.watch_mod = watch
-        self.pending: dict[tuple[str, str], float] = {}
+        self.pending: dict[tuple[str, str], tuple[float, tuple]] = {}
         self.pod_phase: dict[tuple[str, str], str] = {}
         self.job_phase: dict[tuple[str, str], str] = {}
         self.stopping = threading.Event()
@@ -94,8 +97,10 @@ class LagRecorder:
             if self.pod_phase.get(key) != phase:
                 self.pod_phase[key] = phase
                 owner = (pod.metadata.labels or {}).get("finetune.dev/job-name")
-                if owner and phase in ("Running", "Succeeded", "Failed"):
-                    self.pending.setdefault((pod.metadata.namespace, owner), time.monotonic())
+                expected = EXPECTED_JOB_PHASES.get(phase)
+                job_key = (pod.metadata.namespace, owner)
+                if owner and expected and self.job_phase.get(job_key) not in expected:
+                    self.pending[job_key] = (time.monotonic(), expected)
             if self.stopping.is_set():
                 return
 
@@ -106,11 +111,11 @@ class LagRecorder:
             meta = ev["object"]["metadata"]
             key = (meta["namespace"], meta["name"])
             phase = (ev["object"].get("status") or {}).get("phase")
-            if phase != self.job_phase.get(key):
-                self.job_phase[key] = phase
-                t0 = self.pending.pop(key, None)
-                if t0 is not None and ev["type"] == "MODIFIED":
-                    LAGS.append(time.monotonic() - t0)
+            self.job_phase[key] = phase
+            t0, expected = self.pending.get(key, (None, ()))
+            if t0 is not None and phase in expected:
+                del self.pending[key]
+                LAGS.append(time.monotonic() - t0)
             if self.stopping.is_set():
                 return
 

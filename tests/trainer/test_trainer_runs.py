@@ -101,6 +101,19 @@ def test_sigkill_then_resume_matches_uninterrupted_losses(tmp_path, tiny_model, 
     msg = resumed.termination()
     assert (msg["outcome"], msg["step"], msg["resumedFrom"]) == ("completed", 16, 10)
 
+    # Started again after completion (e.g. killed before it could exit): no extra step
+    # (HF would train step 17/16), the final checkpoint's adapter is published as is.
+    adapter = resumed.out_dir / "adapter_model.safetensors"
+    adapter.unlink()
+    again = TrainerRun(tmp_path, env, name="again")
+    assert again.wait(180) == 0, again.output()[-4000:]
+    assert again.losses() == {}
+    assert adapter.read_bytes() == (resumed.ckpt_dir / final / "adapter_model.safetensors").read_bytes()
+    msg = again.termination()
+    assert (msg["outcome"], msg["step"], msg["maxSteps"]) == ("completed", 16, 16)
+    assert "already complete" in msg["message"] and msg["loss"] == pytest.approx(float(ref[16]), abs=1e-6)
+    assert not (resumed.ckpt_dir / "checkpoint-17").exists()
+
 
 def test_sigterm_saves_checkpoint_and_exits_143(trainer_env):
     env = trainer_env(max_steps=500, save_steps=1000)

@@ -111,3 +111,37 @@ def test_unprivileged_templates_pass():
     spec = make_spec(template={"hostNetwork": False, "containerSecurityContext": {
         "privileged": False, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": []}}})
     assert privileged_settings(spec) == []
+
+
+def test_observe_pods_skips_pods_of_another_owner():
+    mine = _pod({"phase": "Running"}, ownerReferences=[{"uid": "job-uid", "controller": True}])
+    old = _pod({"phase": "Running"}, ownerReferences=[{"uid": "deleted-job-uid", "controller": True}])
+    from finetune_operator.core import observe_pods
+
+    assert [p.uid for p in observe_pods([mine, old], "job-uid")] == ["u2"]
+    assert len(observe_pods([mine, old])) == 2
+
+
+def test_observe_job_parses_spec_status_and_pods():
+    from finetune_operator.core import decide, observe_job
+    from jobkit import spec_dict
+
+    job = {"metadata": {"name": "ft", "uid": "job-uid", "generation": 4,
+                        "creationTimestamp": "2025-01-01T00:00:00Z"},
+           "spec": spec_dict(), "status": {"phase": "Queued", "attempt": 1, "reason": "CreatingPod"}}
+    pod = _pod({"phase": "Running", "containerStatuses": [
+        {"name": "trainer", "state": {"running": {"startedAt": "2025-01-01T00:00:00Z"}}}]},
+        ownerReferences=[{"uid": "job-uid", "controller": True}])
+    pod["metadata"]["name"], pod["metadata"]["labels"] = "ft-1", {"finetune.dev/attempt": "1"}
+    obs = observe_job(job, [pod], now=T0, unready_nodes=["node-b"])
+    assert (obs.job_name, obs.generation, obs.status.attempt, obs.spec_error) == ("ft", 4, 1, None)
+    assert obs.unready_nodes == {"node-b": None} and obs.creation_time == T0
+    assert decide(obs).status.phase == "Running"
+
+
+def test_observe_job_turns_a_bad_spec_into_spec_error():
+    from finetune_operator.core import decide, observe_job
+
+    obs = observe_job({"metadata": {"name": "ft"}, "spec": {"image": "x"}}, [], now=T0)
+    assert obs.spec is None and obs.spec_error.startswith("spec.model: Field required")
+    assert decide(obs).status.reason == "InvalidSpec"

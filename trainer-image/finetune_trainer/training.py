@@ -6,8 +6,10 @@ message; this module returns ``(outcome, message)`` or raises ConfigError / any 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -302,6 +304,23 @@ def train(
         if is_main:
             LOG.info("resuming from %s (step %d)", resume.path, resume.step)
 
+    if resume is not None:
+        done, last_loss = _already_complete(resume, cfg)
+        if done is not None:
+            # HF would run one more step past max_steps when resuming at the end (5.18):
+            # the training is finished, so publish that checkpoint's adapter instead.
+            report.max_steps, report.loss = done, last_loss
+            if metrics is not None:
+                metrics.total_steps.set(done)
+            if is_main:
+                _publish_adapter(resume.path, cfg.output_dir)
+                LOG.info("checkpoint %s is already at step %d of %d: nothing to train", resume.path, resume.step, done)
+            _teardown()
+            return (
+                c.OUTCOME_COMPLETED,
+                f"already complete at step {resume.step}/{done}; adapter in {cfg.output_dir}",
+            )
+
     step_delay = float(os.environ.get(c.ENV_DEBUG_STEP_DELAY, "0") or 0)
     control = TrainerControlCallback(stopper, report, metrics, is_main, step_delay)
     trainer = Trainer(
@@ -361,6 +380,40 @@ def train(
         c.OUTCOME_COMPLETED,
         f"completed {state.global_step}/{state.max_steps} steps; adapter in {cfg.output_dir}{resumed}{skipped}",
     )
+
+
+_NOT_ADAPTER_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json")
+
+
+def _already_complete(resume: ckpts.Checkpoint, cfg: c.TrainerConfig) -> tuple[int | None, float | None]:
+    """(the run's total steps, last logged loss) when ``resume`` already reached them, else (None, None).
+
+    The total is FT_MAX_STEPS, or in epoch mode the total recorded in the checkpoint.
+    """
+    try:
+        with open(os.path.join(resume.path, ckpts.TRAINER_STATE_NAME), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError):
+        return None, None
+    target = cfg.max_steps or state.get("max_steps")
+    step = state.get("global_step", resume.step)
+    if isinstance(target, int) and target > 0 and step >= target:
+        losses = [h["loss"] for h in state.get("log_history", []) if isinstance(h.get("loss"), (int, float))]
+        return target, (float(losses[-1]) if losses else None)
+    return None, None
+
+
+def _publish_adapter(checkpoint: str, output_dir: str) -> None:
+    """Copy a checkpoint's adapter (+ tokenizer files) to the output directory."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in sorted(os.listdir(checkpoint)):
+        src = os.path.join(checkpoint, name)
+        if not os.path.isfile(src) or name in _NOT_ADAPTER_FILES or name.startswith("rng_state"):
+            continue
+        tmp = os.path.join(output_dir, f".{name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(output_dir, name))
 
 
 def _teardown() -> None:

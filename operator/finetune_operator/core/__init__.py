@@ -13,8 +13,9 @@ from .observation import (
     PodObservation,
     ProgressSample,
 )
+from .job_facts import observe_job
 from .patch import merge_patch
-from .pod_facts import observe_pod, parse_termination_message, parse_time
+from .pod_facts import observe_pod, observe_pods, parse_termination_message, parse_time
 from .privileged import privileged_settings
 from .progress import status_changed_materially
 from .timing import backoff_seconds
@@ -40,7 +41,9 @@ __all__ = [
     "decide",
     "match_failure_policy",
     "merge_patch",
+    "observe_job",
     "observe_pod",
+    "observe_pods",
     "parse_termination_message",
     "parse_time",
     "parse_trainer_metrics",

@@ -166,26 +166,17 @@ def _in_flight(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatu
 
 
 def _succeed(obs: Observation, status: TrainingJobStatus, pod: PodObservation | None) -> TrainingJobStatus:
-    report = pod.termination_message if pod is not None else None
-    message = f"training completed in attempt {status.attempt}"
-    if pod is not None:
-        message = classify_completed_message(pod) or message
+    report = dict(pod.termination_message) if pod is not None and pod.termination_message else {}
+    step = report.get("step")
+    at_step = f" at step {step}" if isinstance(step, int) and not isinstance(step, bool) else ""
     return _update(
         status,
         phase="Succeeded",
         reason="Completed",
-        message=message,
+        message=f"training completed{at_step} in attempt {status.attempt}",
         completion_time=_now(obs),
-        progress=final_progress(status.progress, dict(report) if report else None, _now(obs)),
+        progress=final_progress(status.progress, report, _now(obs)),
     )
-
-
-def classify_completed_message(pod: PodObservation) -> str | None:
-    report = pod.termination_message or {}
-    step = report.get("step")
-    if isinstance(step, int) and not isinstance(step, bool):
-        return f"training completed at step {step} in attempt {pod.attempt}"
-    return None
 
 
 def _resume(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> Step:

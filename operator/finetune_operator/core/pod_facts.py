@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -108,4 +108,19 @@ def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
         termination_message=report,
         creation_time=parse_time(metadata.get("creationTimestamp")),
         start_time=parse_time(status.get("startTime")),
+    )
+
+
+def controller_uid(pod: Mapping[str, Any]) -> str | None:
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def observe_pods(pods: Iterable[Mapping[str, Any]], job_uid: str | None = None) -> tuple[PodObservation, ...]:
+    """Facts for the job's pods. With job_uid, pods controlled by anything else are skipped:
+    a deleted job's pods (same name, same labels) can outlive it until garbage collection."""
+    return tuple(
+        observe_pod(pod) for pod in pods if job_uid is None or controller_uid(pod) in (None, job_uid)
     )
