@@ -7,11 +7,20 @@ kubeconfig handling all come from `kubernetes.config` / `kubernetes.client.ApiCl
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 STRATEGIC = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
+
+
+def _short(exc: BaseException) -> str:
+    """One short line for a transport error (urllib3's are long and nested)."""
+    inner = getattr(exc, "reason", None) or exc
+    text = str(inner)
+    m = re.search(r"\[Errno \d+\] [^'\")]+", text)
+    return f"{type(inner).__name__}: {m.group(0) if m else text[:160]}"
 
 
 class ApiError(Exception):
@@ -59,7 +68,7 @@ class Kube:
         except ApiException as exc:
             raise ApiError(exc.status or 0, str(exc.reason or exc)) from exc
         except Exception as exc:  # noqa: BLE001 - urllib3 raises many connection errors
-            raise ApiError(0, f"{type(exc).__name__}: {exc}") from exc
+            raise ApiError(0, _short(exc)) from exc
 
     def request(self, method: str, path: str, *, query: dict | None = None, body=None,
                 content_type: str | None = None, timeout: float = 10.0) -> dict | None:
@@ -99,7 +108,7 @@ class Kube:
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - read timeouts, connection resets
-            raise ApiError(0, f"watch stream: {type(exc).__name__}: {exc}") from exc
+            raise ApiError(0, f"watch stream: {_short(exc)}") from exc
         finally:
             try:
                 raw.release_conn()

@@ -42,6 +42,9 @@ What a pod becomes
   reported as status.podIP/podIPs (hostIP 127.0.0.1) and exported as FT_METRICS_ADDR, so
   several trainers each serve metrics on :9400 and the operator scrapes podIP:9400 for real.
   hostNetwork pods get 127.0.0.1. Run a second agent with another --pod-cidr.
+* Scheduling is the real scheduler's: the node offers this machine's cpu/memory (override
+  with --cpu/--memory), 110 pods and --gpus fake GPUs, and no taint unless --taint is given.
+  Pin pods with nodeSelector kubernetes.io/hostname=<node> or finetune.dev/local-node=true.
 * stdout+stderr go to <workdir>/logs/<namespace>_<pod>.log. `kubectl logs` does NOT work
   (there is no kubelet API on this node).
 * The working directory is workingDir (rewritten) when it exists or lies under a mount,
@@ -1036,7 +1039,8 @@ class Agent:
     def __init__(self, kube: Kube, node_name: str = DEFAULT_NODE, gpus: int = 2,
                  workdir: Path | str = ".", cpu: str | None = None, memory: str | None = None,
                  pods: int = 110, pod_cidr: str = DEFAULT_POD_CIDR,
-                 labels: dict[str, str] | None = None, lease_interval: float = 10.0,
+                 labels: dict[str, str] | None = None, taints: list[dict] | None = None,
+                 lease_interval: float = 10.0,
                  status_interval: float = 20.0, resync_interval: float = 30.0,
                  shutdown_grace: float = 30.0):
         self.kube = kube
@@ -1048,6 +1052,7 @@ class Agent:
         self.pods = pods
         self.ips = IpPool(pod_cidr)
         self.extra_labels = labels or {}
+        self.taints = taints or []
         self.lease_interval = lease_interval
         self.status_interval = status_interval
         self.resync_interval = resync_interval
@@ -1137,7 +1142,8 @@ class Agent:
             self.kubelet_version = "v0.0.0"
         body = {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": self.node_name, "labels": self._labels()},
-                "spec": {}, "status": self._node_status()}
+                "spec": {"taints": self.taints} if self.taints else {},
+                "status": self._node_status()}
         try:
             node = self.kube.request("POST", "/api/v1/nodes", body=body, timeout=REQUEST_TIMEOUT)
             log.info("node %s: registered", self.node_name)
@@ -1571,6 +1577,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pod-cidr", default=DEFAULT_POD_CIDR,
                    help="loopback range for pod IPs; give each agent its own")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
+                   help="register with this taint (only at creation), e.g. to keep other "
+                        "tests' pods off the node")
     p.add_argument("--lease-interval", type=float, default=10.0)
     p.add_argument("--status-interval", type=float, default=20.0,
                    help="seconds between Ready heartbeats (keep under the 40 s grace)")
@@ -1592,9 +1601,14 @@ def main(argv: list[str] | None = None) -> int:
         state = Path(os.environ.get("FINETUNE_STATE_DIR", REPO / ".state"))
         args.workdir = state / "localnode" / args.node
     labels = dict(item.split("=", 1) for item in args.label)
+    taints = []
+    for item in args.taint:
+        kv, _, effect = item.rpartition(":")
+        key, _, value = kv.partition("=")
+        taints.append({"key": key, "effect": effect, **({"value": value} if value else {})})
     agent = Agent(Kube(kubeconfig), node_name=args.node, gpus=args.gpus, workdir=args.workdir,
                   cpu=args.cpu, memory=args.memory, pods=args.pods, pod_cidr=args.pod_cidr,
-                  labels=labels, lease_interval=args.lease_interval,
+                  labels=labels, taints=taints, lease_interval=args.lease_interval,
                   status_interval=args.status_interval, resync_interval=args.resync,
                   shutdown_grace=args.shutdown_grace)
     signal.signal(signal.SIGTERM, agent.request_stop)

@@ -34,13 +34,19 @@ async def replace_status(client: KubeClient, job: dict, status: dict) -> dict:
 
 
 async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
-    """Returns 'created' or 'adopted'."""
+    """Returns 'created', 'adopted' (ours already: a retry after a crash or a slow watch)
+    or 'conflict' (a pod by that name that this job does not control)."""
     try:
         await client.create(client.pod_path(namespace), pod)
         return "created"
     except ApiError as exc:
         if exc.status == 409 and exc.reason == "AlreadyExists":
-            return "adopted"
+            existing = await client.get(client.pod_path(namespace, pod["metadata"]["name"]))
+            ours = pod["metadata"]["ownerReferences"][0]["uid"]
+            refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+            if any(r.get("controller") and r.get("uid") == ours for r in refs):
+                return "adopted"
+            return "conflict"
         raise
 
 

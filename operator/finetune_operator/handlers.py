@@ -32,7 +32,8 @@ def _pod_summary(body) -> dict:
     meta = body.get("metadata") or {}
     return {
         "metadata": {k: plain(meta.get(k)) for k in ("name", "namespace", "uid", "labels",
-                                                      "deletionTimestamp", "creationTimestamp")
+                                                      "ownerReferences", "deletionTimestamp",
+                                                      "creationTimestamp")
                      if meta.get(k) is not None},
         "spec": {"nodeName": (body.get("spec") or {}).get("nodeName"),
                  "containers": [{"name": c.get("name"), "ports": plain(c.get("ports") or [])}

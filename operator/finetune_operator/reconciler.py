@@ -194,8 +194,11 @@ class Reconciler:
             spec = parse_spec(job.get("spec"))
         except SpecError as exc:
             spec_error = exc.message
-        pods = tuple(p for p in (observe_pod(b) for b in self.pods_of((meta["namespace"], meta["name"])))
-                     if p is not None)
+        # Only pods this job controls: a deleted job's pods (same name, same labels) can
+        # outlive it, and a hand-made pod with our labels is not ours to act on.
+        bodies = [b for b in self.pods_of((meta["namespace"], meta["name"]))
+                  if controller_uid(b) == meta.get("uid")]
+        pods = tuple(p for p in (observe_pod(b) for b in bodies) if p is not None)
         return Observation(
             now=now, status=parse_status(job.get("status")), spec=spec, spec_error=spec_error,
             job_name=meta["name"], generation=meta.get("generation"), pods=pods,
@@ -280,7 +283,11 @@ class Reconciler:
                 outcome = await actions.create_pod(self.client, ns, pod)
                 if outcome == "created":
                     metrics.ATTEMPTS.labels(ns).inc()
-                log.info("%s/%s: pod %s %s", ns, name, pod["metadata"]["name"], outcome)
+                if outcome == "conflict":
+                    log.warning("%s/%s: pod %s exists but is not controlled by this job; "
+                                "delete it or rename the job", ns, name, pod["metadata"]["name"])
+                else:
+                    log.info("%s/%s: pod %s %s", ns, name, pod["metadata"]["name"], outcome)
             elif isinstance(action, DeletePod):
                 await actions.delete_pod(self.client, ns, action.name, action.uid,
                                          action.grace_seconds)
@@ -332,6 +339,13 @@ class Reconciler:
             metrics.STALE_CORRECTIONS.labels(key[0]).inc()
             log.warning("%s/%s: status said %s but the pods say %s (missed event corrected)",
                         key[0], key[1], status.phase, frozen.status.phase)
+
+
+def controller_uid(pod: Mapping) -> str | None:
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
 
 
 def _metrics_port(pod: dict) -> int | None:

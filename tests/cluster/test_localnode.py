@@ -184,6 +184,24 @@ def test_nonzero_exit_fails_with_exit_code_and_log_tail(cluster, agent, namespac
     assert "boom: the dataset is missing" in term["message"]
 
 
+def test_pod_it_cannot_run_waits_with_config_error(cluster, agent, namespace):
+    manifest = pod("no-command", "pass")
+    del manifest["spec"]["containers"][0]["command"]   # would need the image's entrypoint
+    cluster.apply(manifest, "-n", namespace)
+
+    def waiting():
+        p = get_pod(agent, namespace, "no-command")
+        statuses = p.get("status", {}).get("containerStatuses") or []
+        return statuses and statuses[0]["state"].get("waiting")
+    state = wait_for(waiting, 30, "the container to be reported Waiting")
+    assert state["reason"] == "CreateContainerConfigError"
+    assert "no command" in state["message"]
+    assert get_pod(agent, namespace, "no-command")["status"]["phase"] == "Pending"
+    cluster.kubectl("delete", "pod", "no-command", "-n", namespace, "--wait=false")
+    wait_for(lambda: get_pod(agent, namespace, "no-command") is None, 30,
+             "the pending pod to be deleted")
+
+
 def test_pods_get_distinct_ips_and_serve_on_the_same_port(cluster, agent, namespace):
     code = """
         import http.server, os

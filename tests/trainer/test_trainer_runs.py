@@ -230,6 +230,9 @@ def test_metrics_endpoint_shows_steps_advancing(trainer_env):
         ("unreadable_model", "model path is not a directory"),
         ("unknown_target_module", "unknown LoRA target module(s) qkv_fused"),
         ("bad_flag", "bad command line"),
+        ("output_not_writable", "cannot create output directory"),
+        ("torchrun_missing_dataset", "dataset not found"),
+        ("torchrun_empty_dataset", "dataset is empty"),
     ],
 )
 def test_bad_configuration_exits_78(case, needle, tmp_path, tiny_model, text_data):
@@ -249,6 +252,16 @@ def test_bad_configuration_exits_78(case, needle, tmp_path, tiny_model, text_dat
         env[c.ENV_LORA_TARGET_MODULES] = "q_proj,qkv_fused"
     elif case == "bad_flag":
         args = ["--max-stepz", "3"]
+    elif case == "output_not_writable":
+        (tmp_path / "a-file").write_text("")
+        env[c.ENV_OUTPUT_DIR] = str(tmp_path / "a-file" / "out")
+    elif case == "torchrun_missing_dataset":  # caught by the launcher before spawning
+        env[c.ENV_NPROC_PER_NODE] = "2"
+        env[c.ENV_DATASET] = str(tmp_path / "nope.jsonl")
+    elif case == "torchrun_empty_dataset":  # caught by the workers; 78 passed through
+        env[c.ENV_NPROC_PER_NODE] = "2"
+        (tmp_path / "empty.jsonl").write_text("")
+        env[c.ENV_DATASET] = str(tmp_path / "empty.jsonl")
     run = TrainerRun(tmp_path, env, args)
     rc = run.wait(120)
     assert rc == 78, run.output()[-4000:]

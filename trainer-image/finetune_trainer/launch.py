@@ -81,8 +81,29 @@ def _read(path: str) -> str | None:
         return None
 
 
+def precheck(cfg: c.TrainerConfig) -> None:
+    """Cheap, torch-free checks before spawning workers (they repeat the full ones)."""
+    from .data import dataset_files
+    from .worker import check_model_path
+
+    problems = cfg.problems()
+    if problems:
+        raise c.ConfigError("; ".join(problems))
+    dataset_files(cfg.dataset)
+    check_model_path(cfg.model)
+
+
 def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
     setup_logging(0)
+    try:
+        precheck(cfg)
+    except c.ConfigError as e:
+        reason = c.one_line(str(e))
+        LOG.error("configuration error: %s", reason)
+        c.write_termination_message(
+            cfg.termination_log, c.termination_message(c.OUTCOME_CONFIG_ERROR, max_steps=cfg.max_steps, message=reason)
+        )
+        return c.EXIT_CONFIG_ERROR
     nproc = resolve_nproc(cfg)
     env = os.environ
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

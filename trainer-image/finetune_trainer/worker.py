@@ -145,6 +145,16 @@ def check_model_path(model: str) -> str:
     return path
 
 
+def check_writable_dir(path: str, what: str) -> None:
+    """Create ``path`` if needed; a directory we cannot write is a config error."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise c.ConfigError(f"cannot create {what} {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise c.ConfigError(f"{what} is not writable: {path}")
+
+
 def run(cfg: c.TrainerConfig) -> int:
     """Train according to ``cfg``; returns the process exit code. Never raises."""
     rank = env_rank()
@@ -162,6 +172,9 @@ def run(cfg: c.TrainerConfig) -> int:
 
             examples = data.load_examples(cfg)
             model_path = check_model_path(cfg.model)
+            if rank == 0:
+                check_writable_dir(cfg.output_dir, "output directory")
+                check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
             if rank == 0:
                 from .metrics import TrainerMetrics
 
