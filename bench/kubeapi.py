@@ -54,6 +54,8 @@ class Api:
 
     def _new_session(self, pool: int) -> requests.Session:
         s = requests.Session()
+        # REQUESTS_CA_BUNDLE in the environment would beat session.verify: do not read it.
+        s.trust_env = False
         s.verify, s.cert = self._tls["verify"], self._tls["cert"]
         adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool)
         s.mount("https://", adapter)

@@ -169,6 +169,11 @@ class Watcher:
                     bad += 1
             return bad
 
+    def added_times(self, kind: str) -> list[float]:
+        with self.lock:
+            recs = self.pods if kind == "pod" else self.owners
+            return [r.added for r in recs.values()]
+
     def first_time(self, kind: str, state: str) -> list[float]:
         with self.lock:
             recs = self.pods if kind == "pod" else self.owners

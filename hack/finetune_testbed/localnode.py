@@ -7,7 +7,13 @@ Ready condition every ~20 s), and runs the pods bound to it as local processes:
 
     python -m finetune_testbed.localnode --kubeconfig K --node local-0 --gpus 2 --workdir DIR
 
-or from Python (tests, demo): `LocalNode(kubeconfig, gpus=2).start()` ... `.stop()`.
+or from Python (tests, demo):
+
+    node = LocalNode(cluster.kubeconfig, node_name="local-0", gpus=2).start()  # waits for Ready
+    node.create_pvc(ns, "ckpt")        # PV (hostPath = node.pvc_dir(ns, "ckpt")) pre-bound to a PVC
+    node.log_path_for(ns, pod)         # the pod's stdout+stderr
+    node.stop()                        # graceful node shutdown; node.kill() = crash
+    node.delete_node()                 # Node, Lease and those PVs are cluster-scoped
 
 What a pod becomes
 ------------------
@@ -82,9 +88,12 @@ ContainerStatusUnknown, message "the local node agent restarted" (no DisruptionT
 Pending pods start normally. If the Node object is deleted while the agent runs, the agent
 does not re-register it (kubelet does not either); restart the agent.
 
-Not simulated: image pulls, resource limits/OOMKilled, probes, restartPolicy other than
-Never (a pod ends with its first container), kubectl logs/exec/port-forward, real GPUs
-(CUDA_VISIBLE_DEVICES is inherited unchanged), node pressure eviction.
+Not simulated: image pulls (the image is ignored: the code comes from this checkout and
+venv), securityContext (processes run as the agent's user), resource limits/OOMKilled,
+probes, restartPolicy other than Never (a pod ends with its first container), network
+isolation (pods share the host's network namespace; only the pod IP differs), kubectl
+logs/exec/port-forward, real GPUs (CUDA_VISIBLE_DEVICES is inherited unchanged), node
+pressure eviction, in-cluster API access (no KUBERNETES_SERVICE_* variables).
 """
 from __future__ import annotations
 

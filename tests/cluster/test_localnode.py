@@ -91,6 +91,20 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+def events_until_deleted(agent, ns: str, name: str, rv: str, timeout: int = 60) -> list[dict]:
+    """Every watch event of one pod from resourceVersion `rv` until it is deleted."""
+    events = []
+    for ev in agent.kube.watch(f"/api/v1/namespaces/{ns}/pods",
+                               {"fieldSelector": f"metadata.name={name}",
+                                "resourceVersion": rv, "timeoutSeconds": timeout},
+                               timeout=timeout + 10):
+        events.append(ev)
+        if ev["type"] == "DELETED":
+            break
+    assert events and events[-1]["type"] == "DELETED", [e["type"] for e in events]
+    return events
+
+
 # A long-running trainer stand-in: checkpoints (a marker file) on SIGTERM and exits 143.
 TRAINER = """
     import os, signal, subprocess, sys, time
@@ -235,14 +249,7 @@ def test_eviction_sends_sigterm_then_pod_disappears(cluster, agent, namespace, c
     core.create_namespaced_pod_eviction("evictee", namespace, client.V1Eviction(
         metadata=client.V1ObjectMeta(name="evictee", namespace=namespace)))
 
-    events = []
-    for ev in agent.kube.watch(f"/api/v1/namespaces/{namespace}/pods",
-                               {"fieldSelector": "metadata.name=evictee",
-                                "resourceVersion": rv, "timeoutSeconds": 60}, timeout=70):
-        events.append(ev)
-        if ev["type"] == "DELETED":
-            break
-    assert events and events[-1]["type"] == "DELETED", [e["type"] for e in events]
+    events = events_until_deleted(agent, namespace, "evictee", rv)
     disrupted = [e for e in events
                  if conditions(e["object"]).get("DisruptionTarget", {}).get("status") == "True"]
     assert disrupted, "the pod never carried DisruptionTarget"
@@ -254,6 +261,28 @@ def test_eviction_sends_sigterm_then_pod_disappears(cluster, agent, namespace, c
     assert (agent.pvc_dir(namespace, "ckpt") / "marker").read_text() == "SIGTERM"
     wait_for(lambda: all(process_gone(p) for p in pids), 10, "the pod's processes to end")
     assert get_pod(agent, namespace, "evictee") is None
+
+
+def test_sigkill_after_the_grace_period(cluster, agent, namespace):
+    code = """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ignoring SIGTERM", flush=True)
+        while True:
+            time.sleep(0.5)
+    """
+    cluster.apply(pod("stubborn", code, grace=2), "-n", namespace)
+    running = wait_phase(agent, namespace, "stubborn", {"Running"})
+    wait_for(lambda: "ignoring SIGTERM" in
+             agent.log_path_for(namespace, "stubborn").read_text(), 30, "the handler installed")
+    t0 = time.monotonic()
+    cluster.kubectl("delete", "pod", "stubborn", "-n", namespace, "--wait=false")
+    events = events_until_deleted(agent, namespace, "stubborn",
+                                  running["metadata"]["resourceVersion"])
+    assert time.monotonic() - t0 >= 1.5          # it was given its grace period ...
+    final = events[-1]["object"]
+    assert final["status"]["phase"] == "Failed"
+    assert terminated(final)["exitCode"] == 137  # ... then SIGKILL (128 + 9)
 
 
 def test_pvc_files_survive_the_pod_for_the_next_one(cluster, agent, namespace):

@@ -175,7 +175,6 @@ def run(cfg: c.TrainerConfig) -> int:
             if rank == 0:
                 check_writable_dir(cfg.output_dir, "output directory")
                 check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
-            if rank == 0:
                 from .metrics import TrainerMetrics
 
                 metrics = TrainerMetrics()

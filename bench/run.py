@@ -1,0 +1,447 @@
+"""`python -m bench.run` (make bench): the TrainingJob operator against the batch/v1 Job
+controller on one local control plane (etcd, kube-apiserver without inflight limits,
+kube-controller-manager, kube-scheduler, kwok GPU nodes).
+
+Per side (ours = N TrainingJobs + the operator; jobs = N batch/v1 Jobs + the Job controller in
+kube-controller-manager), in its own namespace, one side after the other (default ours first;
+the first side's namespace is deleted and gone before the second starts):
+ 1. submit N owners (1 GPU each, pods stay Running: sim outcome=run);
+ 2. wait until all pods exist, run, and the owners say running;
+ 3. restart: SIGKILL the controller, make `--restart-changes` pods succeed while it is down,
+    start it again, time until every owner's status matches its pod again;
+ 4. finish the other pods at `--rate` per second (annotation patch; kwok acts on it) and
+    measure pod Succeeded -> owner complete as seen by an independent watch;
+ 5. RSS/CPU (psutil), API requests (own counter and API server attribution).
+Prints one table and writes .state/bench-<timestamp>.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from finetune_testbed.cluster import REPO, ClusterConfig, LocalCluster
+from finetune_testbed.operator_proc import OperatorProcess
+
+from . import apimetrics, profiling, report, workload
+from .kubeapi import Api, ApiError
+from .procstat import ProcSampler, wait_until
+from .watcher import Watcher, job_state, trainingjob_state
+
+CRD = REPO / "crds" / "finetune.dev_trainingjobs.yaml"
+# Production defaults of finetune_operator/config.py, spelled out so a change of default
+# does not silently change what the benchmark measures.
+OPERATOR_ARGS = ["--timer-interval", "30", "--progress-interval", "10",
+                 "--progress-write-interval", "15", "--node-lost-seconds", "60",
+                 "--log-level", "INFO"]
+CONTROL_PLANE = ("kube-apiserver", "etcd", "kwok", "kube-scheduler")
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the two sides --------------------------------------------------------------------------
+class Side:
+    key = ""
+    title = ""
+    group = resource = ""
+    pod_owner_label = ""
+
+    def __init__(self, ctx: "Context"):
+        self.ctx = ctx
+        self.namespace = f"bench-{self.key}-{ctx.run_id}"
+
+    def owner_path(self) -> str:
+        raise NotImplementedError
+
+    def manifest(self, name: str) -> dict:
+        raise NotImplementedError
+
+    def owner_state(self, obj: dict):
+        raise NotImplementedError
+
+    def setup(self) -> None: ...
+    def before_kill(self) -> None: ...
+    def kill(self) -> None: ...
+    def restart(self) -> None: ...
+    def finish(self) -> dict: return {}
+    def teardown(self) -> None: ...
+
+
+class OperatorSide(Side):
+    key, title = "ours", "TrainingJob operator"
+    group, resource = "finetune.dev", "trainingjobs"
+    pod_owner_label = "finetune.dev/job-name"
+
+    def owner_path(self) -> str:
+        return f"/apis/finetune.dev/v1alpha1/namespaces/{self.namespace}/trainingjobs"
+
+    def manifest(self, name: str) -> dict:
+        return workload.trainingjob(name, self.ctx.run_id)
+
+    def owner_state(self, obj: dict):
+        return trainingjob_state(obj)
+
+    def setup(self) -> None:
+        c = self.ctx
+        self.op = OperatorProcess(c.cluster.kubeconfig, c.cluster.log_dir, args=c.operator_args)
+        self.op.start()
+        c.sampler.track("controller", self.op.pid, from_zero=True)
+        self.counts = Counter()
+        self.base = apimetrics.operator_counts(self.op.metrics_text())
+        self.profiles = []
+        self.profiler = self._profile("run")
+
+    def _profile(self, tag: str):
+        if not self.ctx.args.profile:
+            return None
+        out = self.ctx.state_dir / f"bench-{self.ctx.stamp}-profile-{tag}.txt"
+        return profiling.Profiler(self.op.pid, out, rate=self.ctx.args.profile_rate)
+
+    def _stop_profiler(self) -> None:
+        if self.profiler:
+            path = self.profiler.stop()
+            if path:
+                self.profiles.append(str(path))
+            self.profiler = None
+
+    def _scrape(self) -> Counter:
+        return apimetrics.operator_counts(self.op.metrics_text())
+
+    def before_kill(self) -> None:
+        self.counts += apimetrics.diff(self._scrape(), self.base)
+        self._stop_profiler()
+
+    def kill(self) -> None:
+        self.ctx.sampler.sample("controller")
+        self.op.kill()
+
+    def restart(self) -> None:
+        self.op.start(wait_ready=False)
+        self.ctx.sampler.track("controller", self.op.pid, from_zero=True)
+        self.base = Counter()
+        if self.ctx.args.profile:
+            wait_until(self.op.ready, 60, "restarted operator ready")
+            self.profiler = self._profile("after-restart")
+
+    def finish(self) -> dict:
+        self._stop_profiler()
+        self.counts += apimetrics.diff(self._scrape(), self.base)
+        own = apimetrics.by_verb(self.counts, self.ctx.n)
+        summaries = {}
+        for path in self.profiles:
+            s = profiling.summarize(Path(path))
+            summaries[path] = s
+            log(f"{path}\n{profiling.format_summary(s)}")
+        return {"api_own": own, "api_own_detail": {f"{r} {v}": n for (r, v), n in
+                                                   sorted(self.counts.items())},
+                "api_own_total": own["total"], "api_own_writes": own["writes"],
+                "profiles": summaries}
+
+    def teardown(self) -> None:
+        self._stop_profiler()
+        self.op.stop()
+
+
+class JobSide(Side):
+    key, title = "jobs", "batch/v1 Job controller"
+    group, resource = "batch", "jobs"
+    pod_owner_label = "batch.kubernetes.io/job-name"
+
+    def owner_path(self) -> str:
+        return f"/apis/batch/v1/namespaces/{self.namespace}/jobs"
+
+    def manifest(self, name: str) -> dict:
+        return workload.batch_job(name, self.ctx.run_id)
+
+    def owner_state(self, obj: dict):
+        return job_state(obj)
+
+    @property
+    def kcm(self):
+        return self.ctx.cluster.procs["kube-controller-manager"]
+
+    def setup(self) -> None:
+        self.ctx.sampler.track("controller", self.kcm.pid, from_zero=False)
+
+    def kill(self) -> None:
+        self.ctx.sampler.sample("controller")
+        self.kcm.kill()
+
+    def restart(self) -> None:
+        self.kcm.start()
+        self.ctx.sampler.track("controller", self.kcm.pid, from_zero=True)
+
+    def finish(self) -> dict:
+        return {"api_own_total": None, "api_own_writes": None}
+
+
+SIDES = {"ours": OperatorSide, "jobs": JobSide}
+
+
+# ---- one side's run ---------------------------------------------------------------------------
+class Context:
+    def __init__(self, args):
+        self.args = args
+        self.n = args.jobs
+        self.run_id = uuid.uuid4().hex[:6]
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.state_dir = Path(args.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.operator_args = args.operator_args or OPERATOR_ARGS
+        self.cluster: LocalCluster | None = None
+        self.api: Api | None = None
+        self.sampler = ProcSampler()
+        self.pool = ThreadPoolExecutor(max(1, args.threads))
+        self.last_side: Side | None = None
+
+
+def _names(n: int) -> list[str]:
+    return [f"bj-{i:05d}" for i in range(n)]
+
+
+def _create_namespace(ctx: Context, ns: str) -> None:
+    ctx.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                          "metadata": {"name": ns}})
+
+    def sa_exists():
+        try:
+            return ctx.api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default")
+        except ApiError:
+            return None
+    wait_until(sa_exists, 90, f"default ServiceAccount in {ns}", interval=0.2)
+
+
+def _delete_namespace(ctx: Context, ns: str, timeout: float) -> float:
+    t = time.monotonic()
+    ctx.api.request("DELETE", f"/api/v1/namespaces/{ns}")
+
+    def gone():
+        try:
+            ctx.api.get(f"/api/v1/namespaces/{ns}")
+            return False
+        except ApiError as exc:
+            return exc.status == 404
+    wait_until(gone, timeout, f"namespace {ns} deleted", interval=0.5)
+    return time.monotonic() - t
+
+
+def _run_all(ctx: Context, fn, items) -> None:
+    for f in [ctx.pool.submit(fn, item) for item in items]:
+        f.result()
+
+
+def _paced(ctx: Context, fn, items, rate: float) -> None:
+    """Calls fn(item) at `rate` per second (started on schedule, run on the pool)."""
+    start, futures = time.monotonic(), []
+    for i, item in enumerate(items):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(ctx.pool.submit(fn, item))
+    for f in futures:
+        f.result()
+
+
+def _cp_cpu(ctx: Context) -> float:
+    return sum(ctx.sampler.cpu_seconds(n) for n in CONTROL_PLANE)
+
+
+def run_side(ctx: Context, side: Side) -> dict:
+    n, args, api, wait = ctx.n, ctx.args, ctx.api, ctx.args.timeout
+    res: dict = {"side": side.title, "namespace": side.namespace}
+    _create_namespace(ctx, side.namespace)
+    ctx.sampler.reset("controller")
+    for name in CONTROL_PLANE:
+        ctx.sampler.reset(name)
+        ctx.sampler.track(name, ctx.cluster.procs[name].pid, from_zero=False)
+    side.setup()
+    watcher = Watcher(api, side.namespace, side.owner_path(), side.owner_state,
+                      side.pod_owner_label).start()
+    pods_path = f"/api/v1/namespaces/{side.namespace}/pods"
+    names = _names(n)
+    try:
+        apiserver_before = apimetrics.apiserver_counts(api.raw_text("/metrics"))
+        bench_before = Counter(api.counts)
+
+        # 1-2: submit, then pods created / Running / owners running
+        log(f"{side.key}: submitting {n} owners")
+        t0 = time.monotonic()
+        _run_all(ctx, lambda name: api.create(side.owner_path(), side.manifest(name)), names)
+        res["submit_s"] = time.monotonic() - t0
+        wait_until(lambda: watcher.count_pods() >= n, wait, f"{n} pods created", 0.05)
+        res["pods_created_s"] = max(watcher.added_times("pod")) - t0
+        log(f"{side.key}: all {n} pods exist after {res['pods_created_s']:.1f}s")
+        wait_until(lambda: watcher.count_pods("Running") >= n, wait, f"{n} pods Running", 0.05)
+        res["pods_running_s"] = max(watcher.first_time("pod", "Running")) - t0
+        wait_until(lambda: watcher.count_owners("running") >= n, wait, f"{n} owners running", 0.05)
+        res["owners_running_s"] = max(watcher.first_time("owner", "running")) - t0
+        lag = report.lag_stats(watcher.lags("Running", "running"))
+        res.update(running_lag_median_ms=lag["median_ms"], running_lag_p99_ms=lag["p99_ms"],
+                   running_lag_max_ms=lag["max_ms"])
+        log(f"{side.key}: all owners running after {res['owners_running_s']:.1f}s")
+        ctx.sampler.sample()
+        res["rss_at_n_running_mib"] = ctx.sampler.rss_now_mib("controller")
+
+        # 3: restart convergence
+        k = min(args.restart_changes, n // 2)
+        pod_of = watcher.pod_of()
+        changed_owners = names[:k]
+        side.before_kill()
+        side.kill()
+        t_kill = time.monotonic()
+        _run_all(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
+                                                workload.SUCCEED_PATCH), changed_owners)
+        wait_until(lambda: watcher.count_pods("Succeeded") >= k, wait,
+                   f"{k} pods Succeeded while the controller is down", 0.05)
+        t_restart = time.monotonic()
+        side.restart()
+        wait_until(lambda: watcher.inconsistent() == 0, wait, "all owners match their pods", 0.05)
+        res["restart_convergence_s"] = time.monotonic() - t_restart
+        res["restart"] = {"changed_pods": k, "down_s": t_restart - t_kill,
+                          "convergence_s": res["restart_convergence_s"]}
+        log(f"{side.key}: restart with {k} changed pods converged in "
+            f"{res['restart_convergence_s']:.1f}s")
+
+        # 4: complete the rest at a fixed rate
+        rest = names[k:]
+        log(f"{side.key}: completing {len(rest)} pods at {args.rate:g}/s")
+        t_c = time.monotonic()
+        _paced(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
+                                              workload.SUCCEED_PATCH), rest, args.rate)
+        wait_until(lambda: watcher.count_owners("complete") >= n, wait, f"{n} owners complete",
+                   0.05)
+        res["completion_phase_s"] = time.monotonic() - t_c
+        rest_set = set(rest)
+        lags = watcher.lags("Succeeded", "complete", owners=rest_set)
+        c = report.lag_stats(lags)
+        res.update(complete_lag_n=c["n"], complete_lag_median_ms=c["median_ms"],
+                   complete_lag_p99_ms=c["p99_ms"], complete_lag_max_ms=c["max_ms"])
+        with watcher.lock:
+            last_pod = max(watcher.pods[pod_of[o]].times["Succeeded"] for o in rest)
+            last_owner = max(watcher.owners[o].times["complete"] for o in rest)
+        res["completion_tail_s"] = last_owner - last_pod
+        log(f"{side.key}: all owners complete; lag median {c['median_ms']:.0f} ms, "
+            f"p99 {c['p99_ms']:.0f} ms")
+
+        # 5: resources and API requests
+        ctx.sampler.sample()
+        res.update(side.finish())
+        apiserver_after = apimetrics.apiserver_counts(api.raw_text("/metrics"))
+        bench = apimetrics.diff(Counter(api.counts), bench_before)
+        attr = apimetrics.attributed(apiserver_before, apiserver_after, bench, side.group,
+                                     side.resource)
+        per = apimetrics.by_verb(attr, n)
+        res["api_attr"] = per
+        res["api_attr_detail"] = {f"{r} {v}": c for (r, v), c in sorted(attr.items())}
+        res["api_attr_total"] = per["total"]
+        for verb in apimetrics.VERBS:
+            res[f"api_attr_{verb}"] = per[verb]
+        res["bench_requests"] = {f"{r}/{s} {v}" if s else f"{r} {v}": c
+                                 for (r, s, v), c in sorted(bench.items())}
+        res["rss_peak_mib"] = ctx.sampler.rss_peak_mib("controller")
+        res["rss_end_mib"] = ctx.sampler.rss_now_mib("controller")
+        res["cpu_s"] = ctx.sampler.cpu_seconds("controller")
+        res["control_plane_cpu_s"] = _cp_cpu(ctx)
+        res["control_plane_cpu_detail"] = {nm: ctx.sampler.cpu_seconds(nm) for nm in CONTROL_PLANE}
+        res["watch_errors"] = sum(s.errors for s in watcher.streams)
+        return res
+    finally:
+        watcher.stop()
+        try:
+            if args.cleanup and side is not ctx.last_side:
+                res["cleanup_s"] = _delete_namespace(ctx, side.namespace, wait)
+                log(f"{side.key}: namespace deleted in {res['cleanup_s']:.1f}s")
+        finally:
+            side.teardown()
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=1000, help="N owners per side (default 1000)")
+    p.add_argument("--extra-nodes", type=int, default=2,
+                   help="kwok GPU nodes beyond ceil(N/8) (default 2)")
+    p.add_argument("--rate", type=float, default=20.0,
+                   help="pod completions per second in the lag phase (default 20)")
+    p.add_argument("--restart-changes", type=int, default=100,
+                   help="pods made to succeed while the controller is down (capped at N/2)")
+    p.add_argument("--order", choices=("ours-first", "jobs-first"), default="ours-first")
+    p.add_argument("--only", choices=("ours", "jobs"), help="run one side only")
+    p.add_argument("--timeout", type=float, default=600, help="limit of each wait (s)")
+    p.add_argument("--threads", type=int, default=4, help="benchmark client threads")
+    p.add_argument("--no-cleanup", dest="cleanup", action="store_false",
+                   help="keep the first side's namespace while the second runs")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the operator (before the kill and after the restart)")
+    p.add_argument("--profile-rate", type=int, default=50, help="py-spy samples/s")
+    p.add_argument("--operator-arg", dest="operator_args", action="append",
+                   help="replace the operator's arguments (repeat per argument)")
+    p.add_argument("--state-dir", default=str(REPO / ".state"))
+    p.add_argument("--json-out", help="JSON path (default .state/bench-<timestamp>.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ctx = Context(args)
+    order = ["ours", "jobs"] if args.order == "ours-first" else ["jobs", "ours"]
+    if args.only:
+        order = [args.only]
+    n = args.jobs
+    nodes = math.ceil(n / 8) + args.extra_nodes
+    meta = {"jobs": n, "nodes": nodes, "gpus_per_node": 8, "cores": os.cpu_count(),
+            "order": " then ".join(order), "rate_per_s": args.rate,
+            "restart_changes": min(args.restart_changes, n // 2),
+            "operator_args": ctx.operator_args,
+            "kcm": "--kube-api-qps=100 --kube-api-burst=200 --concurrent-job-syncs=5 (default)",
+            "apiserver": "no inflight limits, APF off (ClusterConfig.no_limits)",
+            "measured_by": "independent watch client in the benchmark process (monotonic clock)",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    log(f"starting local control plane with {nodes} kwok GPU nodes")
+    cluster = LocalCluster(config=ClusterConfig(gpu_nodes=nodes, gpus_per_node=8, no_limits=True))
+    ctx.cluster = cluster
+    results: dict = {}
+    t_start = time.monotonic()
+    try:
+        cluster.start()
+        log(f"control plane ready in {cluster.startup_seconds:.1f}s ({cluster.workdir})")
+        cluster.kubectl("apply", "-f", str(CRD))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
+                        "--timeout=60s")
+        ctx.api = Api.for_cluster(cluster)
+        ctx.sampler.start()
+        sides = [SIDES[k](ctx) for k in order]
+        ctx.last_side = sides[-1]
+        for side in sides:
+            t = time.monotonic()
+            results[side.key] = run_side(ctx, side)
+            results[side.key]["wall_s"] = time.monotonic() - t
+    finally:
+        ctx.sampler.stop()
+        ctx.pool.shutdown(wait=False, cancel_futures=True)
+        if os.environ.get("FINETUNE_KEEP_CLUSTER_DIR"):
+            log(f"cluster directory kept: {cluster.workdir}")
+        cluster.cleanup()
+    meta["wall_s"] = time.monotonic() - t_start
+    text, rows = report.table(results, meta)
+    print(text)
+    out = Path(args.json_out) if args.json_out else ctx.state_dir / f"bench-{ctx.stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "table": rows, "results": results}, indent=2,
+                              default=str, allow_nan=True))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

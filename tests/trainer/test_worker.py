@@ -1,0 +1,110 @@
+"""worker.run's exit codes and termination messages, with a fake training module (torch-free, no marker)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import types
+
+import pytest
+
+import finetune_trainer
+from finetune_trainer import contract as c
+from finetune_trainer import worker
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = c.TrainerConfig(
+        model=str(model), dataset=str(data), output_dir=str(tmp_path / "out"), max_steps=5,
+        metrics_port=0, metrics_addr="127.0.0.1", termination_log=str(tmp_path / "tl"),
+    )  # fmt: skip
+
+    def install(train):
+        fake = types.ModuleType("finetune_trainer.training")
+        fake.train = train
+        monkeypatch.setitem(sys.modules, "finetune_trainer.training", fake)
+        monkeypatch.setattr(finetune_trainer, "training", fake, raising=False)
+
+    def message():
+        return c.parse_termination_message((tmp_path / "tl").read_text())
+
+    return cfg, install, message
+
+
+def test_unexpected_error_exits_1_with_message(setup, capsys):
+    cfg, install, message = setup
+
+    def train(cfg, model_path, examples, stopper, report, metrics):
+        report.step, report.loss = 3, 1.5
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    install(train)
+    assert worker.run(cfg) == 1
+    msg = message()
+    assert msg["outcome"] == "error" and msg["step"] == 3 and msg["loss"] == 1.5
+    assert msg["message"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_config_error_from_training_exits_78(setup):
+    cfg, install, message = setup
+
+    def train(*a):
+        raise c.ConfigError("unknown LoRA target module(s) foo")
+
+    install(train)
+    assert worker.run(cfg) == 78
+    assert message()["outcome"] == "config_error"
+
+
+def test_outcomes_map_to_exit_codes_and_model_path_is_absolute(setup, monkeypatch, tmp_path):
+    cfg, install, message = setup
+    seen = {}
+
+    def train(cfg, model_path, examples, stopper, report, metrics):
+        seen["model_path"], seen["examples"] = model_path, examples
+        assert metrics is not None and metrics.port
+        report.step = 5
+        return c.OUTCOME_COMPLETED, "completed 5/5 steps"
+
+    install(train)
+    monkeypatch.chdir(tmp_path)
+    assert worker.run(cfg.replace(model="model")) == 0  # relative path resolved (pitfall 4)
+    assert seen["model_path"] == str(tmp_path / "model") and seen["examples"] == ["hello world"]
+    assert message()["outcome"] == "completed"
+
+    def preempt(cfg, model_path, examples, stopper, report, metrics):
+        stopper.request(signal.SIGTERM)
+        return c.OUTCOME_PREEMPTED, "stopped"
+
+    install(preempt)
+    assert worker.run(cfg) == 143
+
+
+def test_sigterm_before_training_raises_out_of_loading(setup):
+    cfg, install, message = setup
+
+    def train(cfg, model_path, examples, stopper, report, metrics):
+        signal.raise_signal(signal.SIGTERM)  # handler raises PreemptedBeforeTraining
+        raise AssertionError("not reached")
+
+    install(train)
+    before = signal.getsignal(signal.SIGTERM)
+    assert worker.run(cfg) == 143
+    msg = message()
+    assert msg["outcome"] == "preempted" and "before training started" in msg["message"]
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored (pitfall 8)
+
+
+def test_bad_values_exit_78_before_anything_else(setup):
+    cfg, _install, message = setup
+    assert worker.run(cfg.replace(batch_size=0, lora_dropout=2.0)) == 78
+    m = message()["message"]
+    assert "FT_BATCH_SIZE must be >= 1" in m and "FT_LORA_DROPOUT" in m
