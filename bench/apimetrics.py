@@ -1,26 +1,39 @@
 """API request accounting.
 
-- ours: the operator's own `finetune_operator_api_requests_total{verb,resource,code}`
-  (exact; covers the operator's client, not kopf's LIST/WATCH streams).
-- both sides, same method: deltas of the API server's `apiserver_request_total` over a
-  side's window, restricted to the objects a controller of this kind writes (owner,
-  owner/status, pods without subresource, core/v1 events), minus the benchmark's own
-  requests (counted by bench.kubeapi.Api). The API server has no per-client label, so
-  anything else touching those rows in the window (the garbage collector, kwok, the
-  scheduler) is attributed too; kwok writes pods/status and the scheduler pods/binding
-  and events.k8s.io events, which are excluded. WATCH is left out (counted when a
-  stream ends, so it does not fall in a window cleanly). For ours, comparing the
-  attributed figure with the operator's own counter shows how good the attribution is.
+Primary, the same method for both sides: the API server's audit log (level Metadata,
+written by the local control plane for the benchmark), which names the client of every
+request by user agent. Per side, over the side's time window:
+- ours: the operator process = user agents `kopf/...` (kopf's watches, LISTs and its
+  finalizer PATCHes) and `Python/... aiohttp/...` (the operator's own client);
+- the Job controller: kube-controller-manager's user agent ending in `/job-controller`
+  (KCM's clients name their controller), and, as context, KCM's shared informers.
+Each request is counted once: at ResponseComplete, or at ResponseStarted for a WATCH.
+
+Also read: the operator's own `finetune_operator_api_requests_total{verb,resource,code}`,
+which covers its own client only (not kopf's requests): the difference is shown.
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import re
 from collections import Counter
+from pathlib import Path
 
 _LINE = re.compile(r'^(\w+)\{(.*)\}\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
 VERBS = ("GET", "LIST") + WRITE_VERBS
+# audit verbs -> HTTP-ish verbs used in the table
+_AUDIT_VERB = {"get": "GET", "list": "LIST", "watch": "WATCH", "create": "POST", "update": "PUT",
+               "patch": "PATCH", "delete": "DELETE", "deletecollection": "DELETE"}
+
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+"""
 
 
 def parse_counter(text: str, name: str) -> list[tuple[dict, float]]:
@@ -36,51 +49,12 @@ def parse_counter(text: str, name: str) -> list[tuple[dict, float]]:
     return out
 
 
-def apiserver_counts(text: str) -> Counter:
-    """(group, resource, subresource, VERB) -> requests, summed over codes and scopes."""
-    c: Counter = Counter()
-    for labels, value in parse_counter(text, "apiserver_request_total"):
-        key = (labels.get("group", ""), labels.get("resource", ""),
-               labels.get("subresource", ""), labels.get("verb", ""))
-        c[key] += value
-    return c
-
-
 def operator_counts(text: str) -> Counter:
     """(resource, VERB) -> requests, from finetune_operator_api_requests_total."""
     c: Counter = Counter()
     for labels, value in parse_counter(text, "finetune_operator_api_requests_total"):
         c[(labels.get("resource", ""), labels.get("verb", "").upper())] += value
     return c
-
-
-def attributed(before: Counter, after: Counter, bench_counts: Counter, owner_group: str,
-               owner_resource: str) -> Counter:
-    """(resource[/sub], VERB) -> requests the controller under test made, as far as the API
-    server's metric can tell (see the module docstring)."""
-    rows = {(owner_group, owner_resource, ""), (owner_group, owner_resource, "status"),
-            ("", "pods", ""), ("", "events", "")}
-    out: Counter = Counter()
-    for key in set(after) | set(before):
-        group, resource, sub, verb = key
-        if (group, resource, sub) not in rows or verb not in VERBS:
-            continue
-        delta = after.get(key, 0) - before.get(key, 0)
-        delta -= bench_counts.get((resource, sub, verb), 0)
-        if delta:
-            out[(resource + (f"/{sub}" if sub else ""), verb)] += delta
-    return out
-
-
-def by_verb(counts: Counter, jobs: int) -> dict[str, float]:
-    """VERB -> requests per job, plus 'total' and 'writes'."""
-    per: dict[str, float] = {v: 0.0 for v in VERBS}
-    for (_res, verb), n in counts.items():
-        per[verb] = per.get(verb, 0.0) + n
-    out = {v: per[v] / jobs for v in per}
-    out["writes"] = sum(per[v] for v in WRITE_VERBS) / jobs
-    out["total"] = sum(per.values()) / jobs
-    return out
 
 
 def diff(after: Counter, before: Counter) -> Counter:
@@ -90,3 +64,67 @@ def diff(after: Counter, before: Counter) -> Counter:
         if d:
             out[k] = d
     return out
+
+
+def by_verb(counts: Counter, jobs: int) -> dict[str, float]:
+    """counts keyed (resource, VERB) -> VERB -> requests per job, plus 'writes' and 'total'
+    (WATCH excluded from 'total': a watch is a stream, not a request per job)."""
+    per: dict[str, float] = {v: 0.0 for v in VERBS}
+    for (_res, verb), n in counts.items():
+        per[verb] = per.get(verb, 0.0) + n
+    out = {v: per[v] / jobs for v in per}
+    out["writes"] = sum(per[v] for v in WRITE_VERBS) / jobs
+    out["total"] = sum(per[v] for v in VERBS) / jobs
+    return out
+
+
+# ---- audit log ---------------------------------------------------------------------------
+def operator_agent(ua: str) -> bool:
+    return ua.startswith("kopf/") or (ua.startswith("Python/") and "aiohttp" in ua)
+
+
+def job_controller_agent(ua: str) -> bool:
+    return ua.startswith("kube-controller-manager/") and ua.endswith("/job-controller")
+
+
+def kcm_informer_agent(ua: str) -> bool:
+    return ua.startswith("kube-controller-manager/") and ua.endswith("/shared-informers")
+
+
+def _ts(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def audit_counts(path: Path, start: float, end: float, agent) -> dict:
+    """Requests by the clients `agent(user_agent)` accepts, whose response completed (or,
+    for WATCH, started) within [start, end] (wall clock seconds)."""
+    by_key: Counter = Counter()
+    failed: Counter = Counter()
+    agents: Counter = Counter()
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            ua = e.get("userAgent") or ""
+            if not agent(ua):
+                continue
+            verb = _AUDIT_VERB.get(e.get("verb"), (e.get("verb") or "").upper())
+            stage = e.get("stage")
+            if (verb == "WATCH") != (stage == "ResponseStarted") or stage not in (
+                    "ResponseStarted", "ResponseComplete"):
+                continue
+            t = _ts(e["stageTimestamp"])
+            if not start <= t <= end:
+                continue
+            ref = e.get("objectRef") or {}
+            res = (ref.get("resource") or e.get("requestURI", "?").split("?")[0])
+            if ref.get("subresource"):
+                res += "/" + ref["subresource"]
+            by_key[(res, verb)] += 1
+            code = (e.get("responseStatus") or {}).get("code") or 0
+            if code >= 400:
+                failed[(res, verb, code)] += 1
+            agents[ua] += 1
+    return {"counts": by_key, "failed": failed, "agents": agents}

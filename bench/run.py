@@ -80,6 +80,7 @@ class OperatorSide(Side):
     key, title = "ours", "TrainingJob operator"
     group, resource = "finetune.dev", "trainingjobs"
     pod_owner_label = "finetune.dev/job-name"
+    agent = staticmethod(apimetrics.operator_agent)
 
     def owner_path(self) -> str:
         return f"/apis/finetune.dev/v1alpha1/namespaces/{self.namespace}/trainingjobs"
@@ -155,6 +156,7 @@ class JobSide(Side):
     key, title = "jobs", "batch/v1 Job controller"
     group, resource = "batch", "jobs"
     pod_owner_label = "batch.kubernetes.io/job-name"
+    agent = staticmethod(apimetrics.job_controller_agent)
 
     def owner_path(self) -> str:
         return f"/apis/batch/v1/namespaces/{self.namespace}/jobs"
@@ -255,6 +257,43 @@ def _cp_cpu(ctx: Context) -> float:
     return sum(ctx.sampler.cpu_seconds(n) for n in CONTROL_PLANE)
 
 
+def warm_up(ctx: Context) -> None:
+    """One suspended owner of each kind, created and deleted before anything is measured:
+    the API server's quota admission loads its evaluator for a new resource on the first
+    create (about 2 s, once per fresh CRD), which is no property of either controller."""
+    ns = f"bench-warmup-{ctx.run_id}"
+    _create_namespace(ctx, ns)
+    for side, path in ((OperatorSide, f"/apis/finetune.dev/v1alpha1/namespaces/{ns}/trainingjobs"),
+                       (JobSide, f"/apis/batch/v1/namespaces/{ns}/jobs")):
+        body = side.manifest(side(ctx), "warmup")
+        body["spec"]["suspend"] = True
+        ctx.api.create(path, body)
+        ctx.api.request("DELETE", f"{path}/warmup")
+    ctx.api.request("DELETE", f"/api/v1/namespaces/{ns}")
+
+
+def audit_api(ctx: Context, side: Side, res: dict) -> None:
+    """Requests per job by the controller under test, from the audit log (apimetrics)."""
+    path = ctx.audit_log
+    got = apimetrics.audit_counts(path, res["window_start"], res["window_end"], side.agent)
+    per = apimetrics.by_verb(got["counts"], ctx.n)
+    res["api_audit"] = per
+    res["api_audit_total"] = per["total"]
+    for verb in apimetrics.VERBS:
+        res[f"api_audit_{verb}"] = per[verb]
+    res["api_audit_WATCH"] = sum(c for (_r, v), c in got["counts"].items() if v == "WATCH")
+    res["api_audit_failed"] = sum(got["failed"].values()) / ctx.n
+    res["api_audit_detail"] = {f"{r} {v}": c for (r, v), c in sorted(got["counts"].items())}
+    res["api_audit_failed_detail"] = {f"{r} {v} {code}": c
+                                      for (r, v, code), c in sorted(got["failed"].items())}
+    res["api_audit_agents"] = dict(got["agents"])
+    if isinstance(side, JobSide):
+        kcm = apimetrics.audit_counts(path, res["window_start"], res["window_end"],
+                                      apimetrics.kcm_informer_agent)
+        res["api_audit_kcm_informers"] = {f"{r} {v}": c for (r, v), c in
+                                          sorted(kcm["counts"].items())}
+
+
 def run_side(ctx: Context, side: Side) -> dict:
     n, args, api, wait = ctx.n, ctx.args, ctx.api, ctx.args.timeout
     res: dict = {"side": side.title, "namespace": side.namespace}
@@ -269,14 +308,20 @@ def run_side(ctx: Context, side: Side) -> dict:
     pods_path = f"/api/v1/namespaces/{side.namespace}/pods"
     names = _names(n)
     try:
-        apiserver_before = apimetrics.apiserver_counts(api.raw_text("/metrics"))
-        bench_before = Counter(api.counts)
+        res["window_start"] = time.time()
 
         # 1-2: submit, then pods created / Running / owners running
         log(f"{side.key}: submitting {n} owners")
         t0 = time.monotonic()
-        _run_all(ctx, lambda name: api.create(side.owner_path(), side.manifest(name)), names)
+        create_s: list[float] = []
+
+        def create(name):
+            t = time.monotonic()
+            api.create(side.owner_path(), side.manifest(name))
+            create_s.append(time.monotonic() - t)
+        _run_all(ctx, create, names)
         res["submit_s"] = time.monotonic() - t0
+        res["create_call_ms"] = report.lag_stats(create_s)
         wait_until(lambda: watcher.count_pods() >= n, wait, f"{n} pods created", 0.05)
         res["pods_created_s"] = max(watcher.added_times("pod")) - t0
         log(f"{side.key}: all {n} pods exist after {res['pods_created_s']:.1f}s")
@@ -302,10 +347,15 @@ def run_side(ctx: Context, side: Side) -> dict:
                                                 workload.SUCCEED_PATCH), changed_owners)
         wait_until(lambda: watcher.count_pods("Succeeded") >= k, wait,
                    f"{k} pods Succeeded while the controller is down", 0.05)
+        res["inconsistent_at_restart"] = watcher.inconsistent()
         t_restart = time.monotonic()
         side.restart()
         wait_until(lambda: watcher.inconsistent() == 0, wait, "all owners match their pods", 0.05)
         res["restart_convergence_s"] = time.monotonic() - t_restart
+        with watcher.lock:
+            res["restart_owner_times"] = sorted(
+                round(watcher.owners[o].times.get("complete", float("nan")) - t_restart, 3)
+                for o in changed_owners)
         res["restart"] = {"changed_pods": k, "down_s": t_restart - t_kill,
                           "convergence_s": res["restart_convergence_s"]}
         log(f"{side.key}: restart with {k} changed pods converged in "
@@ -335,18 +385,7 @@ def run_side(ctx: Context, side: Side) -> dict:
         # 5: resources and API requests
         ctx.sampler.sample()
         res.update(side.finish())
-        apiserver_after = apimetrics.apiserver_counts(api.raw_text("/metrics"))
-        bench = apimetrics.diff(Counter(api.counts), bench_before)
-        attr = apimetrics.attributed(apiserver_before, apiserver_after, bench, side.group,
-                                     side.resource)
-        per = apimetrics.by_verb(attr, n)
-        res["api_attr"] = per
-        res["api_attr_detail"] = {f"{r} {v}": c for (r, v), c in sorted(attr.items())}
-        res["api_attr_total"] = per["total"]
-        for verb in apimetrics.VERBS:
-            res[f"api_attr_{verb}"] = per[verb]
-        res["bench_requests"] = {f"{r}/{s} {v}" if s else f"{r} {v}": c
-                                 for (r, s, v), c in sorted(bench.items())}
+        res["window_end"] = time.time()
         res["rss_peak_mib"] = ctx.sampler.rss_peak_mib("controller")
         res["rss_end_mib"] = ctx.sampler.rss_now_mib("controller")
         res["cpu_s"] = ctx.sampler.cpu_seconds("controller")
@@ -404,11 +443,19 @@ def main(argv=None) -> int:
             "restart_changes": min(args.restart_changes, n // 2),
             "operator_args": ctx.operator_args,
             "kcm": "--kube-api-qps=100 --kube-api-burst=200 --concurrent-job-syncs=5 (default)",
-            "apiserver": "no inflight limits, APF off (ClusterConfig.no_limits)",
+            "apiserver": "no inflight limits, APF off (ClusterConfig.no_limits); audit log "
+                         "level Metadata (blocking file backend) for the API accounting",
             "measured_by": "independent watch client in the benchmark process (monotonic clock)",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     log(f"starting local control plane with {nodes} kwok GPU nodes")
     cluster = LocalCluster(config=ClusterConfig(gpu_nodes=nodes, gpus_per_node=8, no_limits=True))
+    # Audit log (level Metadata): who made which request, for the API accounting.
+    policy = cluster.workdir / "audit-policy.yaml"
+    policy.write_text(apimetrics.AUDIT_POLICY)
+    ctx.audit_log = cluster.workdir / "audit.log"
+    cluster.config.extra_apiserver_args += [f"--audit-policy-file={policy}",
+                                            f"--audit-log-path={ctx.audit_log}",
+                                            "--audit-log-maxsize=0"]
     ctx.cluster = cluster
     results: dict = {}
     t_start = time.monotonic()
@@ -419,6 +466,7 @@ def main(argv=None) -> int:
         cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
                         "--timeout=60s")
         ctx.api = Api.for_cluster(cluster)
+        warm_up(ctx)
         ctx.sampler.start()
         sides = [SIDES[k](ctx) for k in order]
         ctx.last_side = sides[-1]
@@ -426,6 +474,8 @@ def main(argv=None) -> int:
             t = time.monotonic()
             results[side.key] = run_side(ctx, side)
             results[side.key]["wall_s"] = time.monotonic() - t
+        for side in sides:
+            audit_api(ctx, side, results[side.key])
     finally:
         ctx.sampler.stop()
         ctx.pool.shutdown(wait=False, cancel_futures=True)

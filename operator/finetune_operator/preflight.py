@@ -46,6 +46,8 @@ async def preflight(client: KubeClient, cfg: OperatorConfig) -> None:
                 attrs["subresource"] = sub
             if resource == "leases":
                 attrs["namespace"] = cfg.leader_election_namespace
+                if verb != "create":  # RBAC grants get/update on the one Lease name only
+                    attrs["name"] = cfg.leader_election_name
             elif ns and resource != "nodes":
                 attrs["namespace"] = ns
             review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
@@ -53,7 +55,8 @@ async def preflight(client: KubeClient, cfg: OperatorConfig) -> None:
             res = await client.create("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
                                       review)
             if not (res.get("status") or {}).get("allowed"):
-                target = resource + (f"/{sub}" if sub else "")
+                target = resource + (f"/{attrs['name']}" if attrs.get("name") else "") \
+                    + (f"/{sub}" if sub else "")
                 where = f" in namespace {attrs['namespace']}" if attrs.get("namespace") else ""
                 denied.append(f"{verb} {target}{where}")
     if denied:

@@ -103,7 +103,7 @@ def _fmt(result: list[dict], limit: int = 3) -> str:
     parts = []
     for r in result[:limit]:
         labels = {k: v for k, v in r["metric"].items()
-                  if k in ("namespace", "phase", "to_phase", "reason", "trigger", "pod",
+                  if k in ("namespace", "exported_namespace", "phase", "to_phase", "reason", "trigger", "pod",
                            "trainingjob", "le", "code", "verb")}
         parts.append(f"{labels or '{}'}={r['value'][1]}")
     more = f" (+{len(result) - limit})" if len(result) > limit else ""
@@ -272,7 +272,10 @@ def test_dashboard_and_alert_queries_against_real_prometheus(prometheus, jobs, c
         assert [r["metric"].get("pod") for r in panel(28)] == [OPERATOR_POD]
         assert not math.isnan(scalar(23)), "reconcile p99 NaN: no reconcile in the last minute"
         triggers = {r["metric"]["trigger"] for r in panel(24)}
-        assert triggers >= {"job", "pod", "timer"}, triggers
+        # The contract names job|pod|timer; the reconciler also labels "progress" and
+        # "wakeup" reconciles, and a timer reconcile only happens for a job left alone for
+        # --timer-interval, so only job and pod are certain here.
+        assert triggers >= {"job", "pod"}, triggers
         calls = {(r["metric"]["verb"], r["metric"]["resource"]) for r in panel(27)}
         assert {("post", "pods"), ("put", "trainingjobs/status"), ("post", "events")} <= calls, calls
         progress = panel(30)

@@ -81,25 +81,27 @@ def test_train_produces_adapter(reference_run, tiny_model):
 
 def test_sigkill_then_resume_matches_uninterrupted_losses(tmp_path, tiny_model, text_data, reference_run):
     env = make_env(tmp_path, tiny_model, text_data, max_steps=REF_STEPS, save_steps=REF_SAVE)
-    killed = TrainerRun(tmp_path, {**env, c.ENV_DEBUG_STEP_DELAY: "0.05"}, name="killed")
+    killed = TrainerRun(tmp_path, {**env, c.ENV_DEBUG_STEP_DELAY: "0.1"}, name="killed")
     ckpt10 = killed.ckpt_dir / "checkpoint-10"
     wait_until(lambda: _complete(ckpt10), 120, "checkpoint-10", proc=killed, interval=0.005)
     killed.kill(signal.SIGKILL)
     assert killed.wait(30) == -signal.SIGKILL
-    assert killed.last_step() < REF_STEPS, "the run finished before it could be killed"
+    latest = ck.latest_complete_checkpoint(str(killed.ckpt_dir))
+    assert latest is not None and 10 <= latest.step < REF_STEPS, "the run finished before it could be killed"
+    assert killed.last_step() < REF_STEPS
 
     resumed = TrainerRun(tmp_path, env, name="resumed")
     assert resumed.wait(180) == 0, resumed.output()[-4000:]
-    assert f"resuming from {ckpt10}" in resumed.output()
+    assert f"resuming from {latest.path}" in resumed.output()
     ref = reference_run.losses()
     got = resumed.losses()
-    assert sorted(got) == list(range(11, REF_STEPS + 1))
+    assert sorted(got) == list(range(latest.step + 1, REF_STEPS + 1))
     assert got == {s: ref[s] for s in got}  # the logged per-step losses after resume
     # bit-exact: the full loss history in the final checkpoint equals the uninterrupted run's
     final = "checkpoint-16"
     assert _log_losses(resumed.ckpt_dir / final) == _log_losses(reference_run.ckpt_dir / final)
     msg = resumed.termination()
-    assert (msg["outcome"], msg["step"], msg["resumedFrom"]) == ("completed", 16, 10)
+    assert (msg["outcome"], msg["step"], msg["resumedFrom"]) == ("completed", 16, latest.step)
 
     # Started again after completion (e.g. killed before it could exit): no extra step
     # (HF would train step 17/16), the final checkpoint's adapter is published as is.
@@ -210,14 +212,17 @@ def test_metrics_endpoint_shows_steps_advancing(trainer_env):
     assert last[c.METRIC_TOTAL_STEPS] == 40
     assert last[c.METRIC_LOSS] > 0 and last[c.METRIC_TOKENS_PER_SECOND] > 0
     assert last[c.METRIC_EPOCH] > 0
-    assert last[c.METRIC_LAST_CHECKPOINT_STEP] == 3 * (int(last[c.METRIC_STEP]) // 3)
+    # checkpoints every 3 steps (a scrape can land between a step's end and its save)
+    ckpt_step, step = last[c.METRIC_LAST_CHECKPOINT_STEP], last[c.METRIC_STEP]
+    assert ckpt_step % 3 == 0 and step - 3 <= ckpt_step <= step
     steps = [s[c.METRIC_STEP] for s in samples]
     beats = [s[c.METRIC_HEARTBEAT] for s in samples]
     assert steps == sorted(steps) and beats == sorted(beats)
     assert len(set(steps)) >= 3  # watched it move
-    # the heartbeat advances only when the step advances (one value per step seen, +1 for a
-    # scrape that lands between the two gauge updates)
-    assert len(set(b for b in beats if b > 0)) <= len(set(s for s in steps if s > 0)) + 1
+    # the heartbeat advances only when the step advances: about 3 scrapes per step, yet one
+    # heartbeat value per step seen (+2 for scrapes landing between the two gauge updates)
+    assert len(samples) > 2 * len(set(steps))
+    assert len(set(b for b in beats if b > 0)) <= len(set(s for s in steps if s > 0)) + 2
     assert beats[-1] > 0
 
 

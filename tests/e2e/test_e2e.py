@@ -1,0 +1,126 @@
+"""End to end: local control plane, the operator, the local node agent running the real
+trainer on a tiny model. Interruptions are injected the way a cluster produces them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import psutil
+import pytest
+
+from finetune_testbed.jobs import Jobs
+from finetune_testbed.localnode import LocalNode
+from finetune_testbed.procs import wait_for
+from finetune_testbed.realjob import LOCAL_NODE_ARGS, prepare_assets, real_job
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return prepare_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def local_node(cluster, crd):
+    node = LocalNode(cluster.kubeconfig, gpus=2, extra_args=LOCAL_NODE_ARGS)
+    node.start()
+    yield node
+    node.cleanup()
+
+
+@pytest.fixture
+def run(cluster, namespace, live_operator, local_node, assets):
+    jobs = Jobs(cluster, namespace)
+
+    def start(name, **kw):
+        local_node.create_pvc(namespace, f"{name}-ckpt")
+        jobs.apply(real_job(name, *assets, claim=f"{name}-ckpt", **kw))
+        return jobs
+    return start
+
+
+def termination(jobs, pod_name) -> dict:
+    pod = [p for p in jobs.pods(pod_name.rsplit("-", 1)[0]) if p["metadata"]["name"] == pod_name][0]
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    return json.loads(term["message"])
+
+
+def trainer_process(pod_name: str) -> psutil.Process:
+    def find():
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if "finetune_trainer" in " ".join(proc.info["cmdline"] or []) and \
+                        proc.environ().get("HOSTNAME") == pod_name:
+                    return proc
+            except Exception:  # noqa: BLE001 - processes come and go while we scan
+                continue
+        return None
+    return wait_for(find, 30, f"trainer process of {pod_name}")
+
+
+def wait_step(jobs, name, step, timeout=120):
+    return jobs.wait(name, lambda s: ((s.get("progress") or {}).get("step") or 0) >= step,
+                     timeout, f"{name} at step {step}")
+
+
+def test_real_training_succeeds_with_progress_and_adapter(run, local_node, namespace, cluster):
+    jobs = run("tiny", max_steps=30)
+    wait_step(jobs, "tiny", 3)
+    row = cluster.kubectl("get", "tj", "tiny", "-n", namespace).stdout.splitlines()[1]
+    assert "Running" in row and "/30" in row  # PROGRESS column while running
+    status = jobs.wait_phase("tiny", "Succeeded", 180)
+    assert status["attempt"] == 1 and status["progress"]["step"] == 30
+    assert status["progress"]["loss"] > 0
+    adapters = list(local_node.pvc_dir(namespace, "tiny-ckpt").rglob("adapter_model.safetensors"))
+    assert any("output" in str(p) and "checkpoint-" not in str(p) for p in adapters), adapters
+    assert termination(jobs, "tiny-1")["outcome"] == "completed"
+
+
+def test_evicted_mid_run_resumes_from_its_checkpoint(run, kube, api_client, namespace):
+    jobs = run("evicted", max_steps=40)
+    wait_step(jobs, "evicted", 12)
+    core = kube.CoreV1Api(api_client)
+    core.create_namespaced_pod_eviction(
+        "evicted-1", namespace,
+        kube.V1Eviction(metadata=kube.V1ObjectMeta(name="evicted-1", namespace=namespace)))
+    # The evicted pod is gone; its termination message (SIGTERM -> checkpoint -> exit 143)
+    # lives on in the job's status as the checkpoint to resume from.
+    resuming = jobs.wait("evicted", lambda s: s.get("attempt") == 2, 120, "second attempt")
+    saved = resuming["checkpoint"]["step"]
+    assert saved >= 12
+    status = jobs.wait_phase("evicted", "Succeeded", 240)
+    assert status["resumes"] == 1 and status["failures"] == 0 and status["attempt"] == 2
+    assert status["lastInterruption"]["reason"] == "Evicted"
+    assert termination(jobs, "evicted-2")["resumedFrom"] == saved  # not from zero
+
+
+def test_sigkilled_trainer_resumes_from_last_saved_checkpoint(run, namespace):
+    jobs = run("killed", max_steps=40)
+    wait_step(jobs, "killed", 12)
+    trainer_process("killed-1").send_signal(signal.SIGKILL)
+    status = jobs.wait_phase("killed", "Succeeded", 240)
+    assert status["attempt"] == 2 and status["failures"] == 1
+    assert status["lastInterruption"]["exitCode"] == 137
+    resumed = termination(jobs, "killed-2")["resumedFrom"]
+    assert resumed is not None and resumed >= 10 and resumed % 5 == 0
+
+
+def test_frozen_trainer_is_detected_as_stalled_and_restarted(run, namespace):
+    jobs = run("frozen", max_steps=60, run_policy={"stallTimeoutSeconds": 8,
+                                                    "terminationGracePeriodSeconds": 3})
+    wait_step(jobs, "frozen", 12)
+    proc = trainer_process("frozen-1")
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        status = jobs.wait("frozen", lambda s: s.get("attempt") == 2, 120, "restart after stall")
+        assert status["lastInterruption"]["reason"] == "Stalled"
+    finally:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    status = jobs.wait_phase("frozen", "Succeeded", 240)
+    assert status["resumes"] == 1 and status["failures"] == 0
+    assert termination(jobs, "frozen-2")["resumedFrom"] >= 10
