@@ -83,18 +83,26 @@ def summarize(path: Path, top: int = 15) -> dict:
         leaf = frames[-1].split(" (", 1)[1].rstrip(")")
         packages[leaf.split("/", 1)[0] if "/" in leaf else leaf] += n
 
+    # inclusive time of the operator's own functions, and of everything below the event
+    # loop's plumbing (asyncio, runpy, __main__ are on every stack: not informative)
+    generic = ("asyncio/", "<frozen runpy>", "__main__.py", "threading.py", "futures/thread.py")
+    ours = Counter({k: v for k, v in inclusive.items() if "(finetune_operator/" in k
+                    and "__main__.py" not in k})
+    below = Counter({k: v for k, v in inclusive.items() if not any(g in k for g in generic)})
+
     def pct(c: Counter) -> list[tuple[str, float]]:
         return [(k, round(100.0 * v / total, 1)) for k, v in c.most_common(top)] if total else []
 
-    return {"samples": total, "own": pct(own), "inclusive": pct(inclusive),
-            "own_by_package": pct(packages)}
+    return {"samples": total, "own": pct(own), "inclusive": pct(below),
+            "inclusive_operator_code": pct(ours), "own_by_package": pct(packages)}
 
 
 def format_summary(s: dict) -> str:
     lines = [f"profile: {s['samples']} samples"]
     for title, key in (("own time by package/module", "own_by_package"),
                        ("own time (leaf function)", "own"),
-                       ("inclusive time", "inclusive")):
+                       ("inclusive time (below the event loop)", "inclusive"),
+                       ("inclusive time, operator code", "inclusive_operator_code")):
         lines.append(f"  {title}:")
-        lines += [f"    {p:5.1f}%  {name}" for name, p in s[key]]
+        lines += [f"    {p:5.1f}%  {name}" for name, p in s.get(key, [])]
     return "\n".join(lines)

@@ -9,9 +9,10 @@ from ..api.models import CheckpointStatus, Progress, TrainingJobStatus
 from .observation import PodObservation, ProgressSample
 
 
-def _finite(value: float | None) -> float | None:
-    # NaN/inf cannot be stored (JSON) and mean nothing to a reader.
-    return value if value is not None and math.isfinite(value) else None
+def _finite(value: float | None, digits: int = 4) -> float | None:
+    # NaN/inf cannot be stored (JSON) and mean nothing to a reader; rounding keeps the
+    # LOSS column readable and stops noise-level changes from looking like progress.
+    return round(value, digits) if value is not None and math.isfinite(value) else None
 
 
 def display(step: int | None, total: int | None) -> str | None:
@@ -32,7 +33,7 @@ def fold_progress(old: Progress | None, sample: ProgressSample, now: Any) -> Pro
         epoch=_finite(sample.epoch) if sample.epoch is not None else old.epoch,
         loss=_finite(sample.loss) if sample.loss is not None else old.loss,
         tokens_per_second=(
-            _finite(sample.tokens_per_second) if sample.tokens_per_second is not None else old.tokens_per_second
+            _finite(sample.tokens_per_second, 1) if sample.tokens_per_second is not None else old.tokens_per_second
         ),
         display=display(step, total),
         update_time=now if stepped else old.update_time,
