@@ -75,20 +75,26 @@ async def run(cfg: OperatorConfig) -> int:
             return health.ready()[0]
 
         kopf_stop = asyncio.Event()
+        # Created before kopf starts: kopf waits 5 s on exit for every task created after its
+        # start ("hung" tasks), and a waiter left pending would delay the Lease release.
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if elector:
+            waiters.append(asyncio.ensure_future(elector.lost.wait()))
 
         async def watch_stop():
-            waiters = [asyncio.ensure_future(stop.wait())]
-            if elector:
-                waiters.append(asyncio.ensure_future(elector.lost.wait()))
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             kopf_stop.set()
-        asyncio.ensure_future(watch_stop())
+        waiters.append(asyncio.ensure_future(watch_stop()))
         namespaces = cfg.namespaces
         log.info("operator starting: %s, timer every %.0fs, progress every %.0fs",
                  f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces",
                  cfg.timer_interval, cfg.progress_interval)
-        await kopf.operator(registry=registry, standalone=True, clusterwide=not namespaces,
-                            namespaces=namespaces, stop_flag=kopf_stop)
+        try:
+            await kopf.operator(registry=registry, standalone=True, clusterwide=not namespaces,
+                                namespaces=namespaces, stop_flag=kopf_stop)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
         if elector and elector.lost.is_set():
             log.error("leadership lost; exiting so that a fresh process can stand by")
             return 1
