@@ -25,6 +25,8 @@ class _Segment:
 class _Tracked:
     segments: list[_Segment] = field(default_factory=list)
     rss_peak: int = 0
+    conns_last: int = 0
+    conns_peak: int = 0
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -33,8 +35,9 @@ def _cpu(p: psutil.Process) -> float:
 
 
 class ProcSampler:
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 0.5, api_port: int | None = None):
         self.interval = interval
+        self.api_port = api_port  # count each process's TCP connections to this port
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -72,6 +75,13 @@ class ProcSampler:
                     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                         continue
                     t.rss_peak = max(t.rss_peak, seg.rss_last)
+                if self.api_port and t.segments:
+                    try:
+                        conns = sum(1 for c in t.segments[-1].proc.net_connections("tcp")
+                                    if c.raddr and c.raddr.port == self.api_port)
+                    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                        continue
+                    t.conns_last, t.conns_peak = conns, max(t.conns_peak, conns)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -86,6 +96,12 @@ class ProcSampler:
         with self._lock:
             t = self._tracked.get(name)
             return t.rss_peak / 2**20 if t else float("nan")
+
+    def connections(self, name: str) -> tuple[int, int]:
+        """(now, peak) TCP connections of `name` to the API server port."""
+        with self._lock:
+            t = self._tracked.get(name)
+            return (t.conns_last, t.conns_peak) if t else (0, 0)
 
     def rss_now_mib(self, name: str) -> float:
         with self._lock:

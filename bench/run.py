@@ -333,8 +333,15 @@ def run_side(ctx: Context, side: Side) -> dict:
         res.update(running_lag_median_ms=lag["median_ms"], running_lag_p99_ms=lag["p99_ms"],
                    running_lag_max_ms=lag["max_ms"])
         log(f"{side.key}: all owners running after {res['owners_running_s']:.1f}s")
+        # steady state: N jobs Running, nothing changing; what the controller costs to hold them
         ctx.sampler.sample()
+        cpu0, t_s = ctx.sampler.cpu_seconds("controller"), time.monotonic()
+        time.sleep(args.steady_seconds)
+        ctx.sampler.sample()
+        res["steady_cpu_pct"] = 100 * (ctx.sampler.cpu_seconds("controller") - cpu0) / max(
+            1e-9, time.monotonic() - t_s)
         res["rss_at_n_running_mib"] = ctx.sampler.rss_now_mib("controller")
+        res["api_connections_at_n_running"] = ctx.sampler.connections("controller")[0]
 
         # 3: restart convergence
         k = min(args.restart_changes, n // 2)
@@ -389,6 +396,7 @@ def run_side(ctx: Context, side: Side) -> dict:
         res["rss_peak_mib"] = ctx.sampler.rss_peak_mib("controller")
         res["rss_end_mib"] = ctx.sampler.rss_now_mib("controller")
         res["cpu_s"] = ctx.sampler.cpu_seconds("controller")
+        res["api_connections_peak"] = ctx.sampler.connections("controller")[1]
         res["control_plane_cpu_s"] = _cp_cpu(ctx)
         res["control_plane_cpu_detail"] = {nm: ctx.sampler.cpu_seconds(nm) for nm in CONTROL_PLANE}
         res["watch_errors"] = sum(s.errors for s in watcher.streams)
@@ -414,6 +422,8 @@ def parse_args(argv=None):
                    help="pod completions per second in the lag phase (default 20)")
     p.add_argument("--restart-changes", type=int, default=100,
                    help="pods made to succeed while the controller is down (capped at N/2)")
+    p.add_argument("--steady-seconds", type=float, default=20,
+                   help="idle window with all N Running, for the steady-state CPU row")
     p.add_argument("--order", choices=("ours-first", "jobs-first"), default="ours-first")
     p.add_argument("--only", choices=("ours", "jobs"), help="run one side only")
     p.add_argument("--timeout", type=float, default=600, help="limit of each wait (s)")
@@ -428,6 +438,17 @@ def parse_args(argv=None):
     p.add_argument("--state-dir", default=str(REPO / ".state"))
     p.add_argument("--json-out", help="JSON path (default .state/bench-<timestamp>.json)")
     return p.parse_args(argv)
+
+
+def _finite(value):
+    """NaN/inf -> null, so the record is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def main(argv=None) -> int:
@@ -466,6 +487,7 @@ def main(argv=None) -> int:
         cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
                         "--timeout=60s")
         ctx.api = Api.for_cluster(cluster)
+        ctx.sampler.api_port = cluster.ports["apiserver"]
         warm_up(ctx)
         ctx.sampler.start()
         sides = [SIDES[k](ctx) for k in order]
@@ -487,8 +509,8 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.json_out) if args.json_out else ctx.state_dir / f"bench-{ctx.stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "table": rows, "results": results}, indent=2,
-                              default=str, allow_nan=True))
+    out.write_text(json.dumps(_finite({"meta": meta, "table": rows, "results": results}),
+                              indent=2, default=str))
     print(f"\nwritten: {out}")
     return 0
 

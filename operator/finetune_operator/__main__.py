@@ -89,9 +89,18 @@ async def run(cfg: OperatorConfig) -> int:
         log.info("operator starting: %s, timer every %.0fs, progress every %.0fs",
                  f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces",
                  cfg.timer_interval, cfg.progress_interval)
+        # kopf.operator() is spawn_tasks() + run_tasks(); split so that our signal handlers
+        # win: spawn_tasks installs kopf's own SIGTERM/SIGINT handlers, and on a signal kopf
+        # leaves its stop-flag waiter pending and waits 5 s for that "hung" task before it
+        # returns, which would delay the Lease release by 5 s.
+        existing = asyncio.all_tasks() - {asyncio.current_task()}
+        tasks = await kopf.spawn_tasks(registry=registry, standalone=True,
+                                       clusterwide=not namespaces, namespaces=namespaces,
+                                       stop_flag=kopf_stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
-            await kopf.operator(registry=registry, standalone=True, clusterwide=not namespaces,
-                                namespaces=namespaces, stop_flag=kopf_stop)
+            await kopf.run_tasks(tasks, ignored=existing)
         finally:
             for waiter in waiters:
                 waiter.cancel()

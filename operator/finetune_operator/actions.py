@@ -34,12 +34,15 @@ async def replace_status(client: KubeClient, job: dict, status: dict) -> dict:
 
 
 async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
-    """Returns 'created', 'adopted' (ours already: a retry after a crash or a slow watch)
-    or 'conflict' (a pod by that name that this job does not control)."""
+    """Returns 'created', 'adopted' (ours already: a retry after a crash or a slow watch),
+    'conflict' (a pod by that name that this job does not control) or
+    'namespace-terminating'."""
     try:
         await client.create(client.pod_path(namespace), pod)
         return "created"
     except ApiError as exc:
+        if exc.status == 403 and "being terminated" in str(exc):
+            return "namespace-terminating"  # the job goes with its namespace: not an error
         if exc.status == 409 and exc.reason == "AlreadyExists":
             existing = await client.get(client.pod_path(namespace, pod["metadata"]["name"]))
             ours = pod["metadata"]["ownerReferences"][0]["uid"]

@@ -42,6 +42,16 @@ def _pod_summary(body) -> dict:
     }
 
 
+def _job_body(body) -> dict:
+    """The job as plain dicts for the reconciler's cache, without metadata.managedFields:
+    never read, and with the status conditions it is the bulk of a TrainingJob (memory,
+    and the time plain() spends copying it on every event; bench/README.md, profile)."""
+    out = {k: plain(v) for k, v in body.items() if k != "metadata"}
+    out["metadata"] = {k: plain(v) for k, v in (body.get("metadata") or {}).items()
+                       if k != "managedFields"}
+    return out
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorConfig) -> None:
     on = dict(registry=registry)
 
@@ -59,12 +69,14 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         settings.networking.request_timeout = 60
 
     @kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, id="pods_by_job", **on)
-    def pods_by_job(namespace, labels, body, **_):
+    async def pods_by_job(namespace, labels, body, **_):
+        # async on purpose (also node_readiness): kopf runs a sync handler in its thread
+        # pool, one executor round trip per pod event (bench/README.md, profile).
         key = job_key_of_pod(namespace, labels)
         return {key: _pod_summary(body)} if key else None
 
     @kopf.index("v1", "nodes", id="node_readiness", **on)
-    def node_readiness(name, status, **_):
+    async def node_readiness(name, status, **_):
         ready = next((c for c in (status or {}).get("conditions") or [] if c.get("type") == "Ready"),
                      None)
         return {name: {"ready": bool(ready and ready.get("status") == "True"),
@@ -76,7 +88,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         if event.get("type") == "DELETED":
             reconciler.job_gone((body["metadata"]["namespace"], body["metadata"]["name"]))
             return
-        key = reconciler.job_seen(plain(body))
+        key = reconciler.job_seen(_job_body(body))
         await reconciler.trigger(key, "job")
 
     @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, **on)
@@ -92,5 +104,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
                 initial_delay=lambda **_: random.uniform(0, cfg.progress_interval), **on)
     async def job_timer(body, pods_by_job, node_readiness, **_):
         reconciler.bind(pods_by_job, node_readiness)
-        key = reconciler.job_seen(plain(body))
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        cached = reconciler.jobs.get(key)
+        if cached is None or cached["metadata"].get("resourceVersion") != meta.get("resourceVersion"):
+            key = reconciler.job_seen(_job_body(body))  # else: unchanged, skip the deep copy
         await reconciler.tick(key)

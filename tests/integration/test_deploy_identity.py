@@ -43,18 +43,18 @@ DEPLOYMENT_ARGS = ["--leader-elect", f"--leader-election-namespace={OP_NS}",
 
 @pytest.fixture(scope="module")
 def deployed(cluster):
-    had_deployment = cluster.kubectl("get", "deployment", "finetune-operator", "-n", OP_NS,
-                                     check=False).returncode == 0
     fresh = cluster.kubectl("get", "namespace", OP_NS, check=False).returncode != 0
     dry = cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server",
                           "-k", str(DEPLOY), timeout=120, check=False)
-    assert "Warning" not in dry.stderr, dry.stderr
-    if dry.returncode != 0:
-        # On a fresh cluster the namespace is only dry-run created, so the objects inside it
-        # are refused with NotFound; anything else is a real error.
-        errors = [line for line in dry.stderr.splitlines() if line.strip()]
-        assert fresh and all(f'namespaces "{OP_NS}" not found' in line for line in errors), \
-            dry.stderr
+    errors = [line for line in dry.stderr.splitlines() if line.strip()
+              # The session's `crd` fixture applies the CRD client-side; kubectl migrates its
+              # last-applied annotation on the first real server-side apply, a dry run only
+              # warns that it did not (non-fatal; the dry run after the real apply is clean).
+              and not line.startswith("Warning: failed to migrate kubectl.kubernetes.io/"
+                                      "last-applied-configuration")]
+    # On a fresh cluster the namespace is only dry-run created, so the objects inside it are
+    # refused with NotFound; anything else is a real error.
+    assert all(fresh and f'namespaces "{OP_NS}" not found' in line for line in errors), dry.stderr
     real = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(DEPLOY),
                            timeout=120)
     assert "Warning" not in real.stderr, real.stderr
@@ -64,11 +64,10 @@ def deployed(cluster):
                             "-k", str(DEPLOY), timeout=120)
     assert "Warning" not in again.stderr, again.stderr
     yield cluster
-    if not had_deployment:
-        # The operator Deployment's pods are kwok-simulated here; the test runs the real
-        # process itself. Keep the CRD, namespace and RBAC (other tests use them).
-        cluster.kubectl("-n", OP_NS, "delete", "deployment", "finetune-operator",
-                        "--wait=false", check=False)
+    # As tests/static/test_static_apply.py does: the Deployment's pods are only simulated
+    # here (the test runs the real process itself); keep the CRD, namespace and RBAC.
+    cluster.kubectl("-n", OP_NS, "delete", "deployment", "finetune-operator", "--wait=false",
+                    "--ignore-not-found", check=False)
 
 
 @pytest.fixture
@@ -171,9 +170,16 @@ def test_operator_as_service_account_passes_preflight_and_runs_a_job(sa_operator
     assert {e.get("reportingComponent") for e in events} == {"finetune-operator"}
 
     text = op.metrics_text()
-    denied = [(lbls, v) for lbls, v in metric_samples(text, "finetune_operator_api_requests_total")
-              if lbls.get("code") in ("401", "403")]
-    assert not denied, f"API calls refused for the ServiceAccount: {denied}"
+    unauthenticated = [(lbls, v) for lbls, v in
+                       metric_samples(text, "finetune_operator_api_requests_total")
+                       if lbls.get("code") == "401"]
+    assert not unauthenticated, unauthenticated
+    # No RBAC denial. (A 403 "unable to create new content in namespace X because it is being
+    # terminated" is not one: earlier tests' namespaces may still be terminating, and this
+    # fresh operator reconciles their jobs too.)
+    denials = [line for line in op.proc.log_path.read_text(errors="replace").splitlines()
+               if "HTTP 403" in line and "because it is being terminated" not in line]
+    assert not denials, "API calls refused for the ServiceAccount:\n" + "\n".join(denials)
     assert metric_value(text, "finetune_operator_attempts_total", namespace=namespace) == 1
 
     # SIGTERM: kopf stops, the Lease is released for the standby (none here), exit 0.
