@@ -9,6 +9,9 @@ GPU nodes under random faults, then invariants.
    fail       exits 1 after a few seconds on every attempt (backoffLimit 0-2);
    run        runs until something stops it;
    evict      is evicted by its kubelet after a few seconds on every attempt (maxResumes 1-2).
+   Half of the jobs take 1-6 s to exit after SIGTERM (a trainer saving its checkpoint;
+   kwok runs a copy of stages.yaml whose pod-terminate stage reads
+   sim.finetune.dev/terminate-after), so a replaced attempt's pod lingers.
 3. Random faults for --fault-seconds, each recorded: operator SIGKILL (+ restart), operator
    SIGSTOP (+ SIGCONT), pod deletion, eviction (Eviction API), node drain (+ uncordon), node
    deletion (+ re-creation), node NotReady (+ Ready), an exit-code failure (a running pod
@@ -46,6 +49,9 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
+from . import cluster as cluster_mod
 from .cluster import ClusterConfig, LocalCluster
 from .jobs import job_manifest, sim
 from .kuberaw import MERGE, ApiError, Kube
@@ -70,6 +76,21 @@ def log(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# --- slow terminations ---------------------------------------------------------------------
+def chaos_stages(out: Path) -> Path:
+    """stages.yaml with one addition: a deleted Running pod takes the time in its
+    `sim.finetune.dev/terminate-after` annotation to exit (a trainer writing its checkpoint
+    after SIGTERM), instead of 200 ms. Without it a replaced pod is always gone long before
+    the next attempt starts, and overlapping attempts could never be seen."""
+    docs = list(yaml.safe_load_all(cluster_mod.STAGES.read_text()))
+    for doc in docs:
+        if doc and doc.get("metadata", {}).get("name") == "pod-terminate":
+            doc["spec"]["delay"]["durationFrom"] = {
+                "expressionFrom": '.metadata.annotations["sim.finetune.dev/terminate-after"]'}
+    out.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return out
+
+
 # --- the workload -----------------------------------------------------------------------------
 @dataclass
 class JobPlan:
@@ -77,6 +98,7 @@ class JobPlan:
     kind: str
     gpus: int
     run_for: float | None = None
+    terminate_after: float | None = None
     backoff_limit: int = 3
     max_resumes: int = 1000
 
@@ -85,6 +107,8 @@ class JobPlan:
                                    "evict": "evict"}[self.kind]}
         if self.run_for is not None:
             annotations["run_for"] = f"{int(self.run_for * 1000)}ms"
+        if self.terminate_after is not None:
+            annotations["terminate_after"] = f"{int(self.terminate_after * 1000)}ms"
         return job_manifest(self.name, resources={"gpus": self.gpus},
                             runPolicy={"backoffLimit": self.backoff_limit,
                                        "maxResumes": self.max_resumes},
@@ -98,6 +122,8 @@ def plan_jobs(n: int, rng: random.Random, fault_seconds: float) -> list[JobPlan]
     for i in range(n):
         kind = rng.choices(kinds, weights)[0]
         plan = JobPlan(f"job-{i:04d}-{kind}", kind, rng.choice((1, 1, 2)))
+        if rng.random() < 0.5:
+            plan.terminate_after = rng.uniform(1.0, 6.0)
         if kind == "succeed":
             plan.run_for = rng.uniform(3.0, longest)
         elif kind == "fail":
@@ -713,6 +739,7 @@ class Report:
     pods_created: int
     overlaps: list
     wall_seconds: float
+    fault_log: list = field(default_factory=list)
 
     def table(self) -> str:
         lines = [f"chaos: {self.jobs} jobs on {self.nodes} nodes x 8 GPUs, faults for "
@@ -758,7 +785,12 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
     log(f"seed {seed}: {n_jobs} jobs ({dict(Counter(p.kind for p in plans))}), {gpus} GPUs "
         f"on {nodes} nodes")
     cluster = LocalCluster(config=ClusterConfig(gpu_nodes=nodes, node_prefix="chaos-node"))
-    cluster.start()
+    stages, cluster_mod.STAGES = cluster_mod.STAGES, chaos_stages(
+        cluster.workdir / "chaos-stages.yaml")  # read by kwok's command line in start()
+    try:
+        cluster.start()
+    finally:
+        cluster_mod.STAGES = stages
     log(f"control plane up in {cluster.startup_seconds:.1f}s at {cluster.workdir}")
     chaos = None
     try:
@@ -875,8 +907,8 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
             settled=settled, violations=violations, missing_events=missing,
             operator_kills=chaos.killed_by_us, operator_tracebacks=len(tracebacks),
             pods_created=len(chaos.pods.seen),
-            overlaps=chaos.pods.overlaps, wall_seconds=time.monotonic() - t_start)
-        report.fault_log = [asdict(f) for f in chaos.faults]  # type: ignore[attr-defined]
+            overlaps=chaos.pods.overlaps, wall_seconds=time.monotonic() - t_start,
+            fault_log=[asdict(f) for f in chaos.faults + chaos.recoveries])
         return report
     finally:
         if chaos is not None:
@@ -899,9 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.jobs, args.fault_seconds, args.seed, args.settle_seconds, args.fault_rate)
     print(report.table())
     if args.json:
-        data = asdict(report)
-        data["fault_log"] = getattr(report, "fault_log", [])
-        args.json.write_text(json.dumps(data, indent=1))
+        args.json.write_text(json.dumps(asdict(report), indent=1))
     return 1 if report.violations else 0
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import requests
 
 from .cluster import REPO, ClusterConfig, LocalCluster
+from .jobs import Jobs
+from .kuberaw import ApiError, Kube
 from .operator_proc import FAST_ARGS, OperatorProcess
 from .procs import wait_for
 
@@ -60,6 +62,34 @@ def evict(cluster: LocalCluster, namespace: str, pod: str, check: bool = True):
             "metadata": {"name": pod, "namespace": namespace}}
     return cluster.kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction",
                            "-f", "-", input=json.dumps(body), check=check)
+
+
+class ApiJobs(Jobs):
+    """finetune_testbed.jobs.Jobs with reads straight from the API (no kubectl process per
+    poll: tight wait loops stay cheap on a small machine)."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str):
+        super().__init__(cluster, namespace)
+        self.kube = Kube(cluster.kubeconfig)
+
+    def get(self, name: str) -> dict | None:
+        try:
+            return self.kube.get(f"/apis/finetune.dev/v1alpha1/namespaces/{self.ns}/trainingjobs/{name}")
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def pods(self, name: str) -> list[dict]:
+        return self.kube.get(f"/api/v1/namespaces/{self.ns}/pods",
+                             query={"labelSelector": f"finetune.dev/job-name={name}"})["items"]
+
+    def events(self, name: str) -> list[dict]:
+        return self.kube.get(f"/api/v1/namespaces/{self.ns}/events",
+                             query={"fieldSelector": f"involvedObject.name={name}"})["items"]
+
+    def close(self) -> None:
+        self.kube.close()
 
 
 def read_write_log(path: Path) -> list[dict]:

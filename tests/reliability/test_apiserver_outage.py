@@ -18,11 +18,11 @@ import uuid
 
 import pytest
 
-from finetune_testbed.jobs import Jobs, job_manifest, sim
+from finetune_testbed.jobs import job_manifest, sim
 from finetune_testbed.kuberaw import Kube
 from finetune_testbed.operator_proc import FAST_ARGS, OperatorProcess
 from finetune_testbed.procs import wait_for
-from finetune_testbed.reliability import create_namespace
+from finetune_testbed.reliability import ApiJobs, create_namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 GPU_NODES = 2
@@ -37,7 +37,7 @@ def outage(rel_cluster):
     op = OperatorProcess(c.kubeconfig, c.log_dir, name="outage-operator",
                          args=FAST_ARGS + ["--namespace", ns])
     op.start()
-    jobs = Jobs(c, ns)
+    jobs = ApiJobs(c, ns)
     kube = Kube(c.kubeconfig)
     rec: dict = {"ns": ns, "pid": op.pid}
     try:

@@ -24,13 +24,16 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from finetune_operator.api.models import PHASES
 from finetune_operator.api.parsing import SpecError, parse_spec
 from finetune_operator.core.privileged import privileged_settings
+from finetune_operator.pods import build_pod
+from finetune_operator.trainer_env import trainer_env
 from finetune_testbed.jobs import Jobs, job_manifest, sim
 from finetune_testbed.kuberaw import ApiError, Kube
 from finetune_testbed.operator_proc import FAST_ARGS, OperatorProcess
 from finetune_testbed.procs import wait_for
-from finetune_testbed.reliability import EtcdRaw, create_namespace
+from finetune_testbed.reliability import ApiJobs, EtcdRaw, create_namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 GPU_NODES = 2
@@ -77,8 +80,9 @@ anything = st.recursive(scalars, lambda c: st.lists(c, max_size=3)
 label_keys = st.sampled_from(["app", "team", "bad key", "x/y/z", "-lead", "a" * 70, "ok.example/x"])
 TYPED = {
     "str": st.one_of(st.sampled_from(NASTY_STRINGS), st.text(max_size=30)),
-    "int": st.one_of(st.sampled_from(EDGE_INTS), st.integers(-10**6, 10**9)),
-    "float": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0, 0.0, -0.0, 1e-300, 10.0, 10.5])),
+    "int": st.one_of(st.integers(1, 64), st.sampled_from(EDGE_INTS), st.integers(-10**6, 10**9)),
+    "float": st.one_of(st.floats(0.001, 1.0), st.floats(allow_nan=False, allow_infinity=False),
+                       st.sampled_from([0, 0.0, -0.0, 1e-300, 10.0, 10.5, 3])),
     "bool": st.booleans(),
     "quantity": st.one_of(st.sampled_from(["1", "500m", "32Gi", "1e3", "-1", "1.5", "Gi", "", "abc", "0.5Ki"]),
                           st.integers(-5, 10**6)),
@@ -170,6 +174,21 @@ def assert_operator_healthy(op: OperatorProcess, pid: int) -> None:
     assert "Traceback" not in text, text[text.index("Traceback") - 300:][:3000]
 
 
+def pod_refused_by_api(kube: Kube, namespace: str, job: dict, spec) -> str | None:
+    """The API server's refusal of the pod the operator would build for this job (a
+    server-side dry run), or None when it would be accepted."""
+    pod = build_pod(job["metadata"]["name"], namespace, job["metadata"]["uid"], spec, 1,
+                    trainer_env=trainer_env(spec))
+    pod["metadata"]["name"] += "-dry-run"  # the operator may have created the real one already
+    try:
+        kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", query={"dryRun": "All"}, body=pod)
+    except ApiError as exc:
+        if exc.status == 422:
+            return exc.message
+        raise
+    return None
+
+
 def base_manifest(name: str) -> dict:
     return job_manifest(name, template=sim(outcome="run"))
 
@@ -177,7 +196,7 @@ def base_manifest(name: str) -> dict:
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
-@given(mutations=st.lists(mutation(), min_size=1, max_size=3))
+@given(mutations=st.lists(mutation(), min_size=1, max_size=2))
 @example(mutations=[("set", ("image",), "   ")])                    # CRD: size > 0; pydantic: blank
 @example(mutations=[("set", ("workers",), 2)])                       # CEL rule
 @example(mutations=[("set", ("bogus",), 1)])                         # unknown field
@@ -189,7 +208,7 @@ def base_manifest(name: str) -> dict:
 def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
         rel_cluster, bad_ns, bad_operator, kube, mutations):
     pid = bad_operator.pid
-    jobs = Jobs(rel_cluster, bad_ns)
+    jobs = ApiJobs(rel_cluster, bad_ns)
     name = f"bad-{uuid.uuid4().hex[:8]}"
     manifest = apply_mutations(base_manifest(name), mutations)
     try:
@@ -219,13 +238,17 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
             status = jobs.wait(name, lambda s: s.get("phase") == "Failed", 30, "Failed/PrivilegedTemplate")
             assert status["reason"] == "PrivilegedTemplate", status
             OUTCOMES["accepted, PrivilegedTemplate"] += 1
+        elif pod_refused_by_api(kube, bad_ns, stored, spec):
+            # KNOWN BUG (see test_pod_refused_by_the_api_server_fails_the_job_clearly): the
+            # operator retries the creation forever and the status keeps saying "creating
+            # pod". Here only: a phase is set and the operator survives.
+            jobs.wait(name, lambda s: bool(s.get("phase")), 30, "a phase")
+            OUTCOMES["accepted, pod refused by the API server (known bug)"] += 1
         else:
             def clear():
                 s = jobs.status(name)
                 if s.get("phase") == "Suspended" or jobs.pods(name):
                     return s
-                # no pod: the reason must say why (the scheduler's verdict comes with a pod,
-                # so here only a refused pod creation or a failure can explain it)
                 if s.get("phase") and s.get("reason") not in (None, "CreatingPod"):
                     return s
                 return None
@@ -241,6 +264,26 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
         assert_operator_healthy(bad_operator, pid)
     finally:
         rel_cluster.kubectl("delete", "tj", name, "-n", bad_ns, "--wait=false", check=False)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (reliability report): a template the CRD and the "
+                   "pydantic models accept but the API server refuses as a pod (here tolerations "
+                   "operator 'x') leaves the job Queued/CreatingPod forever; the only trace is an "
+                   "ERROR log line every few seconds (no Event, no condition, no reason)")
+def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns, bad_operator, kube):
+    jobs = ApiJobs(rel_cluster, bad_ns)
+    manifest = job_manifest("refused", template={**sim(outcome="run"),
+                                                 "tolerations": [{"operator": "x"}]})
+    jobs.apply(manifest)
+    stored = jobs.get("refused")
+    assert pod_refused_by_api(kube, bad_ns, stored, parse_spec(stored["spec"]))
+    try:
+        status = jobs.wait("refused", lambda s: s.get("reason") not in (None, "CreatingPod"), 20,
+                           "a reason other than CreatingPod")
+        said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("refused"))
+        assert "tolerations" in said, status
+    finally:
+        rel_cluster.kubectl("delete", "tj", "refused", "-n", bad_ns, "--wait=false", check=False)
 
 
 def test_zz_bad_input_outcomes_summary():
@@ -259,7 +302,7 @@ def _running_job(rel_cluster, jobs: Jobs, name: str) -> dict:
 
 
 def test_status_subresource_refuses_garbage_with_field_names(rel_cluster, bad_ns, bad_operator):
-    jobs = Jobs(rel_cluster, bad_ns)
+    jobs = ApiJobs(rel_cluster, bad_ns)
     _running_job(rel_cluster, jobs, "garbage")
     for patch, field in [({"phase": "Exploded"}, "status.phase"), ({"attempt": -1}, "status.attempt"),
                          ({"conditions": [{"type": "X", "status": "Maybe"}]}, "status.conditions[0].status"),
@@ -272,14 +315,13 @@ def test_status_subresource_refuses_garbage_with_field_names(rel_cluster, bad_ns
 
 def _corrupt_and_watch(rel_cluster, bad_ns, bad_operator, name, corrupt):
     """Write `corrupt(status)` into etcd, then wait for the operator to write a valid status."""
-    jobs = Jobs(rel_cluster, bad_ns)
+    jobs = ApiJobs(rel_cluster, bad_ns)
     before = _running_job(rel_cluster, jobs, name)
     pid = bad_operator.pid
     pods_before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in jobs.pods(name)}
     etcd = EtcdRaw(rel_cluster)
     stored = etcd.mutate_job(bad_ns, name, lambda obj: corrupt(obj["status"]))
-    from finetune_operator.api.models import PHASES
-    status = jobs.wait(name, lambda s: s.get("phase") in PHASES
+    jobs.wait(name, lambda s: s.get("phase") in PHASES
                        and s != stored["status"], 30, "the operator rewrote the status")
     time.sleep(3)  # let it settle
     assert_operator_healthy(bad_operator, pid)
@@ -288,6 +330,9 @@ def _corrupt_and_watch(rel_cluster, bad_ns, bad_operator, name, corrupt):
     return before, jobs.status(name), pods_before, jobs.pods(name)
 
 
+@pytest.mark.xfail(strict=True, reason="BUG (reliability report): an unreadable status.phase reads "
+                   "as a new job: the operator starts attempt N+1 and deletes the healthy pod of "
+                   "attempt N (Superseded), uncounted and without a warning")
 def test_unknown_phase_in_etcd_is_repaired_without_killing_the_running_pod(
         rel_cluster, bad_ns, bad_operator):
     """A status phase no schema allows (a newer operator's phase after a rollback, a bad
@@ -318,7 +363,7 @@ def test_absurd_counters_in_etcd_do_not_crash_the_operator(rel_cluster, bad_ns, 
 
 
 def test_pod_with_job_labels_but_no_owner_is_not_adopted(rel_cluster, bad_ns, bad_operator):
-    jobs = Jobs(rel_cluster, bad_ns)
+    jobs = ApiJobs(rel_cluster, bad_ns)
     pid = bad_operator.pid
     before = _running_job(rel_cluster, jobs, "owned")
     labels = {"finetune.dev/job-name": "owned", "app.kubernetes.io/managed-by": "finetune-operator"}
@@ -343,28 +388,45 @@ def test_pod_with_job_labels_but_no_owner_is_not_adopted(rel_cluster, bad_ns, ba
     assert_operator_healthy(bad_operator, pid)
 
 
-def test_foreign_pod_squatting_the_next_pod_name_is_reported_not_adopted(
-        rel_cluster, bad_ns, bad_operator):
-    """The next attempt's pod name is taken by a pod the job does not control: the operator
-    must neither adopt it nor crash, and must say why the job cannot go on."""
-    jobs = Jobs(rel_cluster, bad_ns)
-    pid = bad_operator.pid
-    labels = {"finetune.dev/job-name": "squat", "finetune.dev/attempt": "1",
+def _squatted_job(rel_cluster, bad_ns, name: str) -> tuple[Jobs, dict]:
+    """Job `name` whose first pod name is already taken by a pod it does not control."""
+    jobs = ApiJobs(rel_cluster, bad_ns)
+    labels = {"finetune.dev/job-name": name, "finetune.dev/attempt": "1",
               "app.kubernetes.io/managed-by": "finetune-operator"}
     rel_cluster.apply({"apiVersion": "v1", "kind": "Pod",
-                       "metadata": {"name": "squat-1", "labels": labels,
+                       "metadata": {"name": f"{name}-1", "labels": labels,
                                     "annotations": {"sim.finetune.dev/outcome": "run"}},
                        "spec": {"restartPolicy": "Never",
                                 "containers": [{"name": "trainer", "image": "example.invalid/x:1"}]}},
                       "-n", bad_ns)
-    jobs.apply(job_manifest("squat", template=sim(outcome="run")))
-    time.sleep(6)
-    status = jobs.status("squat")
-    assert status.get("phase") != "Running", f"a foreign pod was taken for the job's attempt: {status}"
+    jobs.apply(job_manifest(name, template=sim(outcome="run")))
+    jobs.wait(name, lambda s: bool(s.get("phase")), 30, "a phase")
+    time.sleep(6)  # several reconciles, more than the safety-net timer
+    return jobs, jobs.status(name)
+
+
+def test_foreign_pod_squatting_the_next_pod_name_is_not_adopted(rel_cluster, bad_ns, bad_operator):
+    """The job's next pod name is taken by a pod the job does not control: the operator
+    must neither take it for the job's attempt nor crash."""
+    pid = bad_operator.pid
+    jobs, status = _squatted_job(rel_cluster, bad_ns, "squat")
+    assert status.get("phase") not in ("Running", "Starting"), \
+        f"a foreign pod was taken for the job's attempt: {status}"
+    assert (status["attempt"], status["failures"], status["resumes"]) == (1, 0, 0), status
     pod = next(p for p in jobs.pods("squat") if p["metadata"]["name"] == "squat-1")
     assert not pod["metadata"].get("ownerReferences"), "the operator took over a foreign pod"
+    assert pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
     assert_operator_healthy(bad_operator, pid)
-    said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("squat"))
-    assert "squat-1" in said and ("not controlled" in said or "exists" in said), (
-        f"nothing tells the user that pod squat-1 blocks the job: status {status}, "
-        f"events {[e.get('message') for e in jobs.events('squat')]}")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (reliability report): the name conflict is only a "
+                   "WARNING log line; the status keeps saying 'creating pod <job>-1 (new job)' "
+                   "and no Event names the blocking pod")
+def test_foreign_pod_squatting_the_next_pod_name_is_reported_to_the_user(
+        rel_cluster, bad_ns, bad_operator):
+    jobs, status = _squatted_job(rel_cluster, bad_ns, "squat2")
+    said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("squat2"))
+    assert "squat2-1" in said and ("not controlled" in said or "exists" in said), (
+        f"nothing tells the user that pod squat2-1 blocks the job: status "
+        f"{status.get('phase')}/{status.get('reason')}: {status.get('message')}; "
+        f"events {[e.get('message') for e in jobs.events('squat2')]}")

@@ -23,7 +23,7 @@ from collections import Counter
 import pytest
 
 from finetune_testbed.jobs import Jobs, job_manifest, sim
-from finetune_testbed.reliability import (CrashingOperator, evict, pods_settled,
+from finetune_testbed.reliability import (ApiJobs, CrashingOperator, evict, pods_settled,
                                           settled_job_state, write_kind)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -34,8 +34,9 @@ JOB = "job"
 class LivePodSampler:
     """Polls the job's pods and records any moment with more than one live pod."""
 
-    def __init__(self, jobs: Jobs, name: str, interval: float = 0.2):
-        self.jobs, self.name, self.interval = jobs, name, interval
+    def __init__(self, cluster, namespace: str, name: str, interval: float = 0.2):
+        self.jobs = ApiJobs(cluster, namespace)  # its own client: it polls from its own thread
+        self.name, self.interval = name, interval
         self.overlaps: list[list[str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -58,10 +59,11 @@ class LivePodSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(5)
+        self.jobs.close()
 
 
 def _plain(cluster, jobs: Jobs, op: CrashingOperator) -> None:
-    jobs.apply(job_manifest(JOB, template=sim(outcome="succeed", run_for="2s")))
+    jobs.apply(job_manifest(JOB, template=sim(outcome="succeed", run_for="1s")))
     op.wait(lambda: jobs.status(JOB).get("phase") == "Succeeded", 90, "job Succeeded")
 
 
@@ -94,19 +96,19 @@ SCENARIOS = {
 
 def run_once(cluster, namespace: str, scenario: str, log_dir, crash_after: int | None) -> dict:
     drive, _ = SCENARIOS[scenario]
-    jobs = Jobs(cluster, namespace)
+    jobs = ApiJobs(cluster, namespace)
     tag = f"crash-{scenario}-{crash_after or 'clean'}"
     op = CrashingOperator(cluster, log_dir, tag, crash_after=crash_after,
                           namespaces=(namespace,)).start()
     t0 = time.monotonic()
     try:
-        with LivePodSampler(jobs, JOB) as sampler:
+        with LivePodSampler(cluster, namespace, JOB) as sampler:
             drive(cluster, jobs, op)
             # Settled: terminal status, every pod finished and none being deleted, and the
             # state stays the same for a while (a late duplicate would show up here).
             op.wait(lambda: pods_settled(jobs.pods(JOB)), 90, "pods settled")
             first = settled_job_state(jobs.get(JOB), jobs.pods(JOB))
-            time.sleep(2.0)
+            time.sleep(1.5)
             op.check()
             state = settled_job_state(jobs.get(JOB), jobs.pods(JOB))
             assert state == first, f"state still changing after settling: {first} -> {state}"
@@ -117,6 +119,7 @@ def run_once(cluster, namespace: str, scenario: str, log_dir, crash_after: int |
                 "logs": [p.log_tail(400) for p in op.procs]}
     finally:
         op.stop()
+        jobs.close()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
