@@ -42,6 +42,8 @@ import calendar
 import json
 import math
 import random
+import re
+import shutil
 import sys
 import threading
 import time
@@ -561,8 +563,8 @@ class Chaos:
                                  input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                    "items": manifests[i:i + 50]}))
 
-    def inject(self, fault_seconds: float, rate: float) -> None:
-        kinds, weights = zip(*FAULT_WEIGHTS.items())
+    def inject(self, fault_seconds: float, rate: float, weights: dict | None = None) -> None:
+        kinds, weights = zip(*(weights or FAULT_WEIGHTS).items())
         end = time.monotonic() + fault_seconds
         restart_at = time.monotonic() + fault_seconds * self.rng.uniform(0.4, 0.6)
         while time.monotonic() < end:
@@ -666,6 +668,45 @@ def will_finish_soon(plan: JobPlan, job: dict, pods: list[dict], slack: float = 
     return started is not None and time.time() - started < (plan.run_for or 0) + slack
 
 
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def operator_tracebacks(log_text: str) -> list[str]:
+    """Each traceback in the operator's log with the log record that introduced it."""
+    out, current = [], None
+    lines = log_text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            current = [lines[i - 1]] if i else []
+            current.append(line)
+        elif current is not None:
+            if LOG_RECORD.match(line) or line.startswith("--- start"):
+                out.append("\n".join(current))
+                current = None
+            else:
+                current.append(line)
+    if current:
+        out.append("\n".join(current))
+    return out
+
+
+def describe(name: str, job: dict, pods: list[dict], chaos: "Chaos") -> str:
+    st = job.get("status") or {}
+    li = st.get("lastInterruption") or {}
+    lines = [f"  {name}: {st.get('phase')}/{st.get('reason')} attempt {st.get('attempt')} "
+             f"failures {st.get('failures')} resumes {st.get('resumes')}: {st.get('message')}",
+             f"    lastInterruption: {li.get('reason')} pod {li.get('pod')} at {li.get('time')}"]
+    for p in sorted(pods, key=attempt_of):
+        meta, status = p["metadata"], p.get("status") or {}
+        lines.append(f"    pod {meta['name']}: {status.get('phase')} on {p['spec'].get('nodeName')} "
+                     f"deleting={bool(meta.get('deletionTimestamp'))} exit={exit_code_of(p)} "
+                     f"disrupted={disrupted_pod(p)}")
+    touched = [f"t={f.t} {f.kind} {f.target}" for f in chaos.faults + chaos.recoveries
+               if any(pn.startswith(name + "-") for pn in f.pods)]
+    lines.append(f"    faults: {touched}")
+    return "\n".join(lines)
+
+
 def at_rest(job: dict, pods: list[dict]) -> bool:
     status = job.get("status") or {}
     phase = status.get("phase")
@@ -740,6 +781,7 @@ class Report:
     overlaps: list
     wall_seconds: float
     fault_log: list = field(default_factory=list)
+    details: list = field(default_factory=list)
 
     def table(self) -> str:
         lines = [f"chaos: {self.jobs} jobs on {self.nodes} nodes x 8 GPUs, faults for "
@@ -769,12 +811,17 @@ class Report:
             lines.append(f"  - {v}")
         if len(self.violations) > 50:
             lines.append(f"  ... {len(self.violations) - 50} more")
+        if self.details:
+            lines.append("")
+            lines.append("jobs with unexpected outcomes (status, pods, faults that touched them):")
+            lines.extend(self.details[:20])
         return "\n".join(lines)
 
 
 def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
         settle_seconds: float = 240.0, fault_rate: float | None = None,
-        log_dir: Path | None = None) -> Report:
+        log_dir: Path | None = None, weights: dict | None = None,
+        artifacts: Path | None = None) -> Report:
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     t_start = time.monotonic()
@@ -806,7 +853,7 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
                  and len(chaos.jobs.snapshot()) == n_jobs, 180, "every job has a phase",
                  interval=1.0)
         log(f"all {n_jobs} jobs have a phase; injecting faults for {fault_seconds:.0f}s")
-        chaos.inject(fault_seconds, rate)
+        chaos.inject(fault_seconds, rate, weights)
         log(f"{len(chaos.faults)} faults injected; recovering nodes and the operator")
         chaos.recover_all()
         t_last = chaos.last_world_change
@@ -843,6 +890,7 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
                                    query={"labelSelector": "app.kubernetes.io/managed-by=finetune-operator"})["items"]
         events = chaos.kube.get(f"/api/v1/namespaces/{NAMESPACE}/events")["items"]
         violations: list[str] = []
+        details: list[str] = []
         by_job = defaultdict(list)
         for p in pods_list:
             by_job[job_of(p)].append(p)
@@ -860,9 +908,12 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
                 st = job["status"]
                 violations.append(f"{name} [{plan.kind}]: not at rest: {st.get('phase')}/{st.get('reason')}: "
                                   f"{st.get('message')}")
-            for p in outcome_problems(plan, job, chaos.exit_faulted.get(name, set()),
-                                      nonzero_attempts(by_job[name])):
+            found = outcome_problems(plan, job, chaos.exit_faulted.get(name, set()),
+                                     nonzero_attempts(by_job[name]))
+            for p in found:
                 violations.append(f"{name} [{plan.kind}]: {p}")
+            if found:
+                details.append(describe(name, job, by_job[name], chaos))
         for o in chaos.pods.overlaps:
             violations.append(f"{o['job']}: two live pods at once at t={o['t']}s: {o['pods']}")
         if not settled:
@@ -887,11 +938,11 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
             missing += max(0, expected - warnings[name])
         for e in chaos.unexpected_exits:
             violations.append(f"operator: {e}")
-        log_text = chaos.operator.proc.log_path.read_text(errors="replace")
-        tracebacks = [blk for blk in log_text.split("Traceback (most recent call last):")[1:]]
-        own = [blk for blk in tracebacks if "finetune_operator" in blk]
-        for blk in own[:5]:
-            violations.append("operator traceback: " + " | ".join(blk.strip().splitlines()[-3:]))
+        tracebacks = operator_tracebacks(chaos.operator.proc.log_path.read_text(errors="replace"))
+        own = [tb for tb in tracebacks if "finetune_operator" in tb]
+        for tb in own[:5]:
+            violations.append("operator traceback: " + " | ".join(tb.splitlines()[-2:]))
+            details.append(tb)
         ttc = None if consistent_since is None else max(0.0, consistent_since - t_last)
         ttq = max(0.0, last_change - t_last)
         report = Report(
@@ -908,13 +959,17 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
             operator_kills=chaos.killed_by_us, operator_tracebacks=len(tracebacks),
             pods_created=len(chaos.pods.seen),
             overlaps=chaos.pods.overlaps, wall_seconds=time.monotonic() - t_start,
-            fault_log=[asdict(f) for f in chaos.faults + chaos.recoveries])
+            fault_log=[asdict(f) for f in chaos.faults + chaos.recoveries], details=details)
         return report
     finally:
         if chaos is not None:
             chaos.pods.stop()
             chaos.jobs.stop()
             chaos.operator.stop()
+        cluster.stop()
+        if artifacts is not None:  # component and operator logs, for the post-mortem
+            shutil.copytree(cluster.log_dir, Path(artifacts) / f"chaos-{seed}", dirs_exist_ok=True)
+            log(f"logs copied to {Path(artifacts) / f'chaos-{seed}'}")
         cluster.cleanup()
 
 
@@ -927,8 +982,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="deadline for statuses to settle after the last fault")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--artifacts", type=Path, default=None,
+                   help="copy the component and operator logs into this directory")
+    p.add_argument("--weights", default="",
+                   help="fault weights, e.g. node_delete=5,operator_pause=2 (others keep their "
+                        f"defaults; 0 disables a kind). Defaults: {FAULT_WEIGHTS}")
     args = p.parse_args(argv)
-    report = run(args.jobs, args.fault_seconds, args.seed, args.settle_seconds, args.fault_rate)
+    weights = dict(FAULT_WEIGHTS)
+    for item in filter(None, args.weights.split(",")):
+        kind, _, value = item.partition("=")
+        if kind not in FAULT_WEIGHTS:
+            p.error(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_WEIGHTS)}")
+        weights[kind] = float(value)
+    weights = {k: w for k, w in weights.items() if w > 0}
+    report = run(args.jobs, args.fault_seconds, args.seed, args.settle_seconds, args.fault_rate,
+                 weights=weights, artifacts=args.artifacts)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=1))

@@ -15,7 +15,7 @@ import kopf
 
 from .config import OperatorConfig, parse_args
 from .handlers import register
-from .health import HealthServer
+from .health import HealthServer, keep_checking_api
 from .kube import ApiError, KubeClient
 from .leader import LeaderElector
 from . import metrics
@@ -41,6 +41,7 @@ async def run(cfg: OperatorConfig) -> int:
     client = KubeClient(info)
     health = HealthServer(client.state)
     await health.start(cfg.bind_address, cfg.health_port, cfg.metrics_port)
+    api_watchdog = asyncio.ensure_future(keep_checking_api(client))
     reconciler = Reconciler(client, cfg)
     REGISTRY.register(FleetCollector(reconciler.fleet))
     stop = asyncio.Event()
@@ -114,6 +115,7 @@ async def run(cfg: OperatorConfig) -> int:
     finally:
         if elector and not elector.lost.is_set():
             await elector.release()
+        api_watchdog.cancel()
         await reconciler.progress.close()
         await health.stop()
         await client.close()

@@ -14,6 +14,10 @@ from .kube import GROUP, VERSION, ApiError, KubeClient
 log = logging.getLogger("finetune.actions")
 
 
+class PodRejected(Exception):
+    """The API server refused the pod as invalid (a spec problem no retry will fix)."""
+
+
 class Conflict(Exception):
     """The job changed under us (409): re-read and decide again."""
 
@@ -50,6 +54,8 @@ async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
             if any(r.get("controller") and r.get("uid") == ours for r in refs):
                 return "adopted"
             return "conflict"
+        if exc.status in (400, 422):
+            raise PodRejected(str(exc.body.get("message") if isinstance(exc.body, dict) else exc)) from None
         raise
 
 

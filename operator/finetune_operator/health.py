@@ -2,12 +2,27 @@
 alive), /readyz (the API server answered recently), /metrics (Prometheus)."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .metrics import REGISTRY
+
+
+async def keep_checking_api(client, interval: float = 2.0) -> None:
+    """Readiness must not depend on there being work: when the operator made no API call
+    for `interval` seconds (kopf's watches do not go through our client), ask the API
+    server for /version, so an outage shows within seconds."""
+    while True:
+        await asyncio.sleep(interval)
+        if time.time() - client.state.last_success < interval and client.state.ready:
+            continue
+        try:
+            await client.get("/version")
+        except Exception:  # noqa: BLE001 - the client recorded the failure in its state
+            pass
 
 
 class HealthServer:

@@ -187,7 +187,8 @@ class Reconciler:
         return None
 
     # ---- the reconcile ---------------------------------------------------------------------
-    def observe(self, job: dict, now: dt.datetime, sample: ProgressSample | None) -> Observation:
+    def observe(self, job: dict, now: dt.datetime, sample: ProgressSample | None,
+                create_error: tuple[str, str] | None = None) -> Observation:
         meta = job["metadata"]
         spec, spec_error = None, None
         try:
@@ -204,7 +205,7 @@ class Reconciler:
             job_name=meta["name"], generation=meta.get("generation"), pods=pods,
             unready_nodes=self._unready_nodes(pods), node_lost_after_seconds=self.config.node_lost_seconds,
             progress=sample, allow_privileged=self.config.allow_privileged_templates,
-            creation_time=parse_time(meta.get("creationTimestamp")))
+            creation_time=parse_time(meta.get("creationTimestamp")), create_error=create_error)
 
     def _unready_nodes(self, pods) -> dict[str, dt.datetime | None]:
         out: dict[str, dt.datetime | None] = {}
@@ -228,9 +229,10 @@ class Reconciler:
         job = self.jobs.get(key)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
+        create_error: tuple[str, str] | None = None
         for _ in range(5):
             now = utcnow()
-            obs = self.observe(job, now, st.sample)
+            obs = self.observe(job, now, st.sample, create_error)
             decision = decide(obs)
             old_status = obs.status
             new_dict = status_to_dict(decision.status)
@@ -254,7 +256,10 @@ class Reconciler:
                     self._record_metrics(key, job, old_status, decision.status, now)
             if written and pod_change_since is not None:
                 metrics.STATUS_LAG.observe(time.monotonic() - pod_change_since)
-            await self._act(key, job, decision, obs)
+            refused = await self._act(key, job, decision, obs)
+            if refused is not None and create_error is None:
+                create_error = refused  # decide once more, knowing what the API server said
+                continue
             if decision.requeue_after is not None:
                 self._schedule(key, max(0.2, float(decision.requeue_after)))
             return
@@ -272,22 +277,32 @@ class Reconciler:
         self.jobs[key] = job
         return job
 
-    async def _act(self, key: Key, job: dict, decision, obs: Observation) -> None:
+    async def _act(self, key: Key, job: dict, decision, obs: Observation) -> tuple[str, str] | None:
+        """Carry out the actions; returns ("rejected"|"conflict", detail) when the API server
+        refused the pod, so that the status can say so."""
         ns, name = key
+        refused = None
         for action in decision.actions:
             if isinstance(action, CreatePod):
                 if obs.spec is None:
                     continue
                 pod = build_pod(name, ns, job["metadata"]["uid"], obs.spec, action.attempt,
                                 trainer_env=trainer_env(obs.spec))
-                outcome = await actions.create_pod(self.client, ns, pod)
+                pod_name = pod["metadata"]["name"]
+                try:
+                    outcome = await actions.create_pod(self.client, ns, pod)
+                except actions.PodRejected as exc:
+                    log.warning("%s/%s: the API server refused pod %s: %s", ns, name, pod_name, exc)
+                    refused = ("rejected", str(exc))
+                    continue
                 if outcome == "created":
                     metrics.ATTEMPTS.labels(ns).inc()
                 if outcome == "conflict":
-                    log.warning("%s/%s: pod %s exists but is not controlled by this job; "
-                                "delete it or rename the job", ns, name, pod["metadata"]["name"])
+                    log.warning("%s/%s: pod %s exists but is not controlled by this job",
+                                ns, name, pod_name)
+                    refused = ("conflict", "no ownerReference to this TrainingJob")
                 else:
-                    log.info("%s/%s: pod %s %s", ns, name, pod["metadata"]["name"], outcome)
+                    log.info("%s/%s: pod %s %s", ns, name, pod_name, outcome)
             elif isinstance(action, DeletePod):
                 await actions.delete_pod(self.client, ns, action.name, action.uid,
                                          action.grace_seconds)
@@ -298,6 +313,7 @@ class Reconciler:
             elif isinstance(action, DeleteJob):
                 await actions.delete_job(self.client, ns, name, job["metadata"]["uid"])
                 log.info("%s/%s: deleted (%s)", ns, name, action.reason)
+        return refused
 
     # ---- metrics -------------------------------------------------------------------------
     def _record_metrics(self, key: Key, job: dict, old: TrainingJobStatus,

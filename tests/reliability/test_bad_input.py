@@ -266,10 +266,6 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
         rel_cluster.kubectl("delete", "tj", name, "-n", bad_ns, "--wait=false", check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reliability report): a template the CRD and the "
-                   "pydantic models accept but the API server refuses as a pod (here tolerations "
-                   "operator 'x') leaves the job Queued/CreatingPod forever; the only trace is an "
-                   "ERROR log line every few seconds (no Event, no condition, no reason)")
 def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns, bad_operator, kube):
     jobs = ApiJobs(rel_cluster, bad_ns)
     manifest = job_manifest("refused", template={**sim(outcome="run"),
@@ -330,9 +326,6 @@ def _corrupt_and_watch(rel_cluster, bad_ns, bad_operator, name, corrupt):
     return before, jobs.status(name), pods_before, jobs.pods(name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reliability report): an unreadable status.phase reads "
-                   "as a new job: the operator starts attempt N+1 and deletes the healthy pod of "
-                   "attempt N (Superseded), uncounted and without a warning")
 def test_unknown_phase_in_etcd_is_repaired_without_killing_the_running_pod(
         rel_cluster, bad_ns, bad_operator):
     """A status phase no schema allows (a newer operator's phase after a rollback, a bad
@@ -419,9 +412,6 @@ def test_foreign_pod_squatting_the_next_pod_name_is_not_adopted(rel_cluster, bad
     assert_operator_healthy(bad_operator, pid)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reliability report): the name conflict is only a "
-                   "WARNING log line; the status keeps saying 'creating pod <job>-1 (new job)' "
-                   "and no Event names the blocking pod")
 def test_foreign_pod_squatting_the_next_pod_name_is_reported_to_the_user(
         rel_cluster, bad_ns, bad_operator):
     jobs, status = _squatted_job(rel_cluster, bad_ns, "squat2")

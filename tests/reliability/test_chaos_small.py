@@ -3,7 +3,9 @@ deletions and evictions, drains, node deletion and NotReady, exit-code failures,
 server + etcd crash), then the invariants of finetune_testbed.chaos: zero violations.
 
 Runs the real command line (`python -m finetune_testbed.chaos`) as a subprocess: it starts
-a control plane of its own, so it shares nothing with the other tests. About 1.5-2 min."""
+a control plane of its own, so it shares nothing with the other tests. About 1.5 min.
+The seed is random (printed in the table); FINETUNE_CHAOS_SEED=<n> replays a job mix and
+fault sequence (timing still varies). On failure the logs are kept under the test's tmp_path."""
 from __future__ import annotations
 
 import json
@@ -20,7 +22,8 @@ def test_chaos_small_has_no_invariant_violations(tmp_path):
     out = tmp_path / "chaos.json"
     seed = os.environ.get("FINETUNE_CHAOS_SEED", "")
     cmd = [sys.executable, "-m", "finetune_testbed.chaos", "--jobs", "20", "--fault-seconds", "40",
-           "--settle-seconds", "180", "--json", str(out)] + (["--seed", seed] if seed else [])
+           "--settle-seconds", "180", "--json", str(out), "--artifacts", str(tmp_path / "logs")] \
+        + (["--seed", seed] if seed else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     print(res.stdout)
     print(res.stderr[-3000:], file=sys.stderr)
@@ -32,5 +35,6 @@ def test_chaos_small_has_no_invariant_violations(tmp_path):
     assert len(report["faults"]) >= 5, report["faults"]
     assert sum(report["phases"].values()) == 20, report["phases"]
     assert report["settled"], report["violations"]
-    assert report["violations"] == [], "\n".join(report["violations"])
+    assert report["violations"] == [], "\n".join(report["violations"] + report["details"]) + \
+        f"\n(seed {report['seed']}; logs in {tmp_path / 'logs'})"
     assert res.returncode == 0, res.stderr[-3000:]

@@ -26,6 +26,7 @@ from .timing import backoff_seconds, deadline_at, resume_at, seconds_until, star
 
 IN_FLIGHT_PHASES = frozenset({"Queued", "Starting", "Running"})
 WARNING_PHASES = frozenset({"Failed", "Resuming"})
+WARNING_REASONS = frozenset({"StatusRecovered"})
 # Far more than any real chain (Running -> Resuming -> Queued): a safety stop, not a rule.
 MAX_TRANSITIONS = 8
 
@@ -227,6 +228,29 @@ def _adopt_newer_attempt(obs: Observation, status: TrainingJobStatus) -> Trainin
     )
 
 
+def _create_refused(obs: Observation, status: TrainingJobStatus) -> Step | None:
+    """The API server refused the current attempt's pod: say so in the status, loudly."""
+    if obs.create_error is None or status.phase != "Queued":
+        return None
+    kind, detail = obs.create_error
+    pod = obs.pod_name(status.attempt)
+    if kind == "rejected":
+        return _fail(obs, status, "PodRejected", f"the API server refused pod {pod}: {detail}"), []
+    if status.reason == "PodNameConflict":
+        return status, []
+    message = f"pod {pod} exists but is not controlled by this job ({detail}); delete it to let the job start"
+    return (_update(status, reason="PodNameConflict", message=message),
+            [Event("Warning", "PodNameConflict", one_line(message, 1000))])
+
+
+def _recover_phase(obs: Observation, status: TrainingJobStatus) -> Step:
+    """status.phase was unreadable (a hand edit, a newer operator's phase after a rollback)
+    while an attempt is recorded: re-derive it from that attempt's pod instead of starting
+    over, which would kill a healthy trainer."""
+    message = f"status.phase was unreadable; recomputed from the pods of attempt {status.attempt}"
+    return _update(status, phase="Queued", reason="StatusRecovered", message=message), []
+
+
 def _current_attempt_completed(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> bool:
     if status.phase not in IN_FLIGHT_PHASES:
         return False
@@ -251,6 +275,9 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
             f"the template asks for privileged settings ({', '.join(refused)}) and the operator does not allow them",
         )
         return failed, stop_pods(obs, live_pods(obs), "PrivilegedTemplate")
+    refused = _create_refused(obs, status)
+    if refused is not None:
+        return refused
     adopted = _adopt_newer_attempt(obs, status)
     if adopted is not None:
         return adopted, []
@@ -268,6 +295,8 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
             f"the job was active longer than runPolicy.activeDeadlineSeconds ({spec.run_policy.active_deadline_seconds}s)",
         )
         return failed, stop_pods(obs, live_pods(obs), "DeadlineExceeded")
+    if status.phase is None and status.attempt > 0:
+        return _recover_phase(obs, status)
     if status.phase is None:
         return _start_attempt(obs, status, status.attempt + 1, "new job")
     if status.phase == "Suspended":
@@ -281,7 +310,8 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
 def transition_event(old: TrainingJobStatus, new: TrainingJobStatus) -> Event:
     reason = new.reason or new.phase or "Unknown"
     text = f"{old.phase or 'New'} -> {new.phase}" + (f": {new.message}" if new.message else "")
-    return Event("Warning" if new.phase in WARNING_PHASES else "Normal", reason, one_line(text, 1000))
+    warning = new.phase in WARNING_PHASES or new.reason in WARNING_REASONS
+    return Event("Warning" if warning else "Normal", reason, one_line(text, 1000))
 
 
 def _dedupe(actions: list[Action]) -> tuple[Action, ...]:

@@ -130,6 +130,10 @@ class Observation:
     progress: ProgressSample | None = None  # None: unknown or unreachable (never a stall)
     allow_privileged: bool = False
     creation_time: datetime | None = None  # informational; the rules do not use it
+    # What the API server said to this reconcile's CreatePod, when it refused it:
+    # ("rejected", message) for an invalid pod (a permanent spec problem), or
+    # ("conflict", message) when a pod by that name exists and the job does not control it.
+    create_error: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:
