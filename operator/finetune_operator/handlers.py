@@ -7,6 +7,7 @@
 No state-changing kopf handlers are used, so kopf writes no annotations on our objects."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 
@@ -110,3 +111,15 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         if cached is None or cached["metadata"].get("resourceVersion") != meta.get("resourceVersion"):
             key = reconciler.job_seen(_job_body(body))  # else: unchanged, skip the deep copy
         await reconciler.tick(key)
+
+    _timers_without_finalizer(registry)
+
+
+def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
+    """kopf gives every object with a timer its finalizer, for daemons' sake. Our timer
+    holds nothing to clean up (deletion simply stops it), and the finalizer costs three
+    writes per job, conflicts with status writes, and blocks `kubectl delete` while the
+    operator is down. kopf has no public switch for this, hence the registry edit."""
+    spawning = registry._spawning  # noqa: SLF001 - see docstring
+    spawning._handlers = [dataclasses.replace(h, requires_finalizer=False)  # noqa: SLF001
+                          for h in spawning._handlers]  # noqa: SLF001

@@ -127,7 +127,7 @@ class KubeClient:
         self._session = aiohttp.ClientSession(
             base_url=info.server.rstrip("/") + "/",
             headers=info.as_http_headers(),
-            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=64),
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=16),
             timeout=self._timeout,
         )
 

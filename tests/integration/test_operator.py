@@ -179,3 +179,16 @@ def test_privileged_template_refused_with_condition(jobs):
     assert status["reason"] == "PrivilegedTemplate"
     assert "hostNetwork" in status["message"]
     assert jobs.pods("sneaky") == []
+
+
+def test_job_can_be_deleted_while_the_operator_is_down(jobs, cluster, namespace, live_operator):
+    jobs.apply(job_manifest("orphanable", template=sim(outcome="run")))
+    jobs.wait_phase("orphanable", "Running", 60)
+    assert not (jobs.get("orphanable")["metadata"].get("finalizers") or [])
+    live_operator.kill()
+    try:
+        cluster.kubectl("delete", "tj", "orphanable", "-n", namespace, "--wait=false")
+        wait_for(lambda: jobs.get("orphanable") is None, 30, "job gone without the operator")
+        wait_for(lambda: jobs.pods("orphanable") == [], 90, "pods garbage-collected")
+    finally:
+        live_operator.start()
