@@ -162,7 +162,7 @@ class Demo:
         adapter = next(iter(self.local.pvc_dir(NS, "tiny-llama-ckpt").rglob("output/adapter_model.safetensors")), None)
         lines += ["",
                   f"operator metrics:  {self.operator.metrics_url}  (finetune_operator_*)",
-                  f"trainer metrics:   podIP:9400/metrics while a trainer runs (finetune_trainer_*)",
+                  "trainer metrics:   podIP:9400/metrics while a trainer runs (finetune_trainer_*)",
                   f"trainer logs:      {self.local.workdir / 'logs'}",
                   f"final adapter:     {adapter or '(none)'}"]
         return "\n".join(lines)

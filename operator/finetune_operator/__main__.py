@@ -16,7 +16,7 @@ import kopf
 from .config import OperatorConfig, parse_args
 from .handlers import register
 from .health import HealthServer, keep_checking_api
-from .kube import ApiError, KubeClient
+from .kube import KubeClient
 from .leader import LeaderElector
 from . import metrics
 from .metrics import REGISTRY, FleetCollector

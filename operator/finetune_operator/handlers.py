@@ -13,7 +13,7 @@ import random
 
 import kopf
 
-from .api import GROUP, LABEL_JOB_NAME, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, TERMINAL_PHASES, VERSION
+from .api import GROUP, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, TERMINAL_PHASES, VERSION
 from .api.parsing import plain
 from .config import OperatorConfig
 from .reconciler import Reconciler, job_key_of_pod

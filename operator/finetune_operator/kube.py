@@ -18,8 +18,8 @@ import aiohttp
 import kopf
 
 from . import metrics
+from .api import GROUP, PLURAL, VERSION
 
-GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "trainingjobs"
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
 
 

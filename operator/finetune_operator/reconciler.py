@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from . import actions, metrics
 from .api import (LABEL_JOB_NAME, TERMINAL_PHASES, SpecError, TrainingJobStatus, parse_spec,
