@@ -89,6 +89,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         if event.get("type") == "DELETED":
             reconciler.job_gone((body["metadata"]["namespace"], body["metadata"]["name"]))
             return
+        if not reconciler.is_news(body):
+            return
         key = reconciler.job_seen(_job_body(body))
         await reconciler.trigger(key, "job")
 

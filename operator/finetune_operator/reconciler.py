@@ -80,6 +80,13 @@ class Reconciler:
             self.jobs[key] = body
         return key
 
+    def is_news(self, body: dict) -> bool:
+        """False for the watch echo of our own status write (its resourceVersion is the one
+        our write returned): deciding again on what we just decided changes nothing."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        cached = self.jobs.get(key)
+        return cached is None or _rv(body) > _rv(cached)
+
     def job_gone(self, key: Key) -> None:
         self.jobs.pop(key, None)
         st = self.state.pop(key, None)
