@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import string
 import sys
@@ -48,6 +49,8 @@ class Demo:
             f"scheduler, controller-manager, kwok with {self.cluster.config.gpu_nodes} GPU nodes")
         self.kubectl("apply", "-f", str(REPO / "crds"))
         self.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev")
+        # A fresh node directory: checkpoints of an earlier demo would make the job "done".
+        shutil.rmtree(self.state / "localnode", ignore_errors=True)
         self.local = LocalNode(self.cluster.kubeconfig, gpus=1, extra_args=LOCAL_NODE_ARGS,
                                workdir=self.state / "localnode")
         self.local.start()

@@ -16,6 +16,7 @@ nonsense conditions; and a pod that carries the job's labels without an ownerRef
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections import Counter
@@ -238,12 +239,15 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
             status = jobs.wait(name, lambda s: s.get("phase") == "Failed", 30, "Failed/PrivilegedTemplate")
             assert status["reason"] == "PrivilegedTemplate", status
             OUTCOMES["accepted, PrivilegedTemplate"] += 1
-        elif pod_refused_by_api(kube, bad_ns, stored, spec):
-            # KNOWN BUG (see test_pod_refused_by_the_api_server_fails_the_job_clearly): the
-            # operator retries the creation forever and the status keeps saying "creating
-            # pod". Here only: a phase is set and the operator survives.
-            jobs.wait(name, lambda s: bool(s.get("phase")), 30, "a phase")
-            OUTCOMES["accepted, pod refused by the API server (known bug)"] += 1
+        elif refusal := pod_refused_by_api(kube, bad_ns, stored, spec):
+            # The CRD and the models accept it, the API server refuses the pod: the job must
+            # fail, naming the refusal (not retry the creation forever).
+            status = jobs.wait(name, lambda s: s.get("phase") == "Failed", 30, "Failed/PodRejected")
+            assert status["reason"] == "PodRejected", status
+            fields = re.findall(r"spec\.[A-Za-z0-9_.\[\]]*[A-Za-z0-9_\]]", refusal)
+            assert "refused" in status["message"], status["message"]
+            assert not fields or fields[0] in status["message"], (refusal, status["message"])
+            OUTCOMES["accepted, pod refused: PodRejected"] += 1
         else:
             def clear():
                 s = jobs.status(name)
@@ -276,8 +280,10 @@ def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns
     try:
         status = jobs.wait("refused", lambda s: s.get("reason") not in (None, "CreatingPod"), 20,
                            "a reason other than CreatingPod")
+        assert (status["phase"], status["reason"]) == ("Failed", "PodRejected"), status
         said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("refused"))
         assert "tolerations" in said, status
+        assert jobs.pods("refused") == []
     finally:
         rel_cluster.kubectl("delete", "tj", "refused", "-n", bad_ns, "--wait=false", check=False)
 
