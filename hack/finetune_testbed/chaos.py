@@ -330,6 +330,7 @@ class Chaos:
         self.killed_by_us = 0
         self.unexpected_exits: list[str] = []
         self.last_world_change = time.monotonic()
+        self.last_fault = time.monotonic()
         self.control_plane_restarted = False
         self.known_bug_guards = True
 
@@ -344,6 +345,8 @@ class Chaos:
         with self.lock:
             (self.recoveries if recovery else self.faults).append(entry)
             self.last_world_change = time.monotonic()
+            if not recovery:
+                self.last_fault = self.last_world_change
             for p in pods or []:
                 job = job_of(p)
                 if job:
@@ -590,6 +593,27 @@ class Chaos:
                 log(f"fault {kind} not injected: {exc}")
             time.sleep(self.rng.expovariate(rate))
 
+    def inconsistent_jobs(self) -> dict[str, list[str]]:
+        """Jobs whose status does not match their pods, from the watch caches."""
+        jobs, pods = self.jobs.snapshot(), self.pods.snapshot()
+        by_job = defaultdict(list)
+        for p in pods.values():
+            by_job[job_of(p)].append(p)
+        problems = {n: consistency_problems(j, by_job[n]) for n, j in jobs.items()}
+        return {n: v for n, v in problems.items() if v}
+
+    def watch_truth(self, stop: threading.Event) -> None:
+        """From the end of the faults: remembers the last moment any status disagreed with
+        the pods (time to truth = that moment, or the last status change, minus the fault)."""
+        self.last_inconsistent = time.monotonic()
+        while not stop.is_set():
+            try:
+                if self.inconsistent_jobs():
+                    self.last_inconsistent = time.monotonic()
+            except Exception:  # noqa: BLE001 - a snapshot taken mid-update
+                self.last_inconsistent = time.monotonic()
+            stop.wait(0.5)
+
     def recover_all(self) -> None:
         for t in self.drains:  # a drain in flight evicts until it is done
             t.join(100)
@@ -783,6 +807,7 @@ class Report:
     time_to_consistent: float | None
     time_to_quiet: float | None
     time_to_truth: float | None
+    recovery_seconds: float
     settled: bool
     violations: list[str]
     missing_events: int
@@ -815,8 +840,10 @@ class Report:
         lines.append("")
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}s"  # noqa: E731
         lines.append(f"time to truth after the last fault: {fmt(self.time_to_truth)} "
-                     f"(statuses match pods after {fmt(self.time_to_consistent)}, "
-                     f"last status change after {fmt(self.time_to_quiet)}; settled: {self.settled})")
+                     f"(statuses last disagreed with the pods {fmt(self.time_to_consistent)} after it, "
+                     f"last status change {fmt(self.time_to_quiet)} after it, natural completions "
+                     f"included; recoveries (uncordon, node re-creation, SIGCONT) took "
+                     f"{fmt(self.recovery_seconds)}; settled: {self.settled})")
         lines.append(f"invariant violations: {len(self.violations)}")
         for v in self.violations[:50]:
             lines.append(f"  - {v}")
@@ -866,11 +893,14 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
                  interval=1.0)
         log(f"all {n_jobs} jobs have a phase; injecting faults for {fault_seconds:.0f}s")
         chaos.inject(fault_seconds, rate, weights)
+        truth_stop = threading.Event()
+        truth = threading.Thread(target=chaos.watch_truth, args=(truth_stop,), daemon=True)
+        truth.start()
         log(f"{len(chaos.faults)} faults injected; recovering nodes and the operator")
         chaos.recover_all()
         t_last = chaos.last_world_change
         log("waiting for the statuses to settle")
-        consistent_since, settled = None, False
+        settled = False
         deadline = time.monotonic() + settle_seconds
         problems: dict[str, list[str]] = {}
         while time.monotonic() < deadline:
@@ -879,13 +909,8 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
             by_job = defaultdict(list)
             for p in pods.values():
                 by_job[job_of(p)].append(p)
-            problems = {n: consistency_problems(j, by_job[n]) for n, j in jobs.items()}
-            problems = {n: v for n, v in problems.items() if v}
+            problems = chaos.inconsistent_jobs()
             now = time.monotonic()
-            if problems:
-                consistent_since = None
-            elif consistent_since is None:
-                consistent_since = now
             resting = all(at_rest(j, by_job[n]) and not (
                 n in chaos.plans and will_finish_soon(chaos.plans[n], j, by_job[n]))
                 for n, j in jobs.items())
@@ -894,6 +919,8 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
                 settled = True
                 break
             time.sleep(1.0)
+        truth_stop.set()
+        truth.join(5)
         last_change = chaos.jobs.last_change
         # final snapshot straight from the API server (not the watch caches)
         jobs = {j["metadata"]["name"]: j for j in chaos.kube.get(
@@ -955,8 +982,9 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
         for tb in own[:5]:
             violations.append("operator traceback: " + " | ".join(tb.splitlines()[-2:]))
             details.append(tb)
-        ttc = None if consistent_since is None else max(0.0, consistent_since - t_last)
-        ttq = max(0.0, last_change - t_last)
+        t_fault = chaos.last_fault
+        ttc = max(0.0, chaos.last_inconsistent - t_fault) if settled else None
+        ttq = max(0.0, last_change - t_fault)
         report = Report(
             jobs=n_jobs, nodes=nodes, seed=seed, fault_seconds=fault_seconds,
             faults=dict(Counter(f.kind for f in chaos.faults)),
@@ -967,6 +995,7 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
                             for ph in {(j.get("status") or {}).get("phase") or "None" for j in jobs.values()}},
             time_to_consistent=ttc, time_to_quiet=ttq,
             time_to_truth=None if ttc is None else max(ttc, ttq),
+            recovery_seconds=max(0.0, t_last - t_fault),
             settled=settled, violations=violations, missing_events=missing,
             operator_kills=chaos.killed_by_us, operator_tracebacks=len(tracebacks),
             pods_created=len(chaos.pods.seen),

@@ -175,17 +175,17 @@ def assert_operator_healthy(op: OperatorProcess, pid: int) -> None:
     assert "Traceback" not in text, text[text.index("Traceback") - 300:][:3000]
 
 
-def pod_refused_by_api(kube: Kube, namespace: str, job: dict, spec) -> str | None:
-    """The API server's refusal of the pod the operator would build for this job (a
-    server-side dry run), or None when it would be accepted."""
+def pod_refused_by_api(kube: Kube, namespace: str, job: dict, spec) -> tuple[int, str] | None:
+    """(HTTP status, message) of the API server's refusal of the pod the operator would build
+    for this job (a server-side dry run: validation and admission), or None if accepted."""
     pod = build_pod(job["metadata"]["name"], namespace, job["metadata"]["uid"], spec, 1,
                     trainer_env=trainer_env(spec))
     pod["metadata"]["name"] += "-dry-run"  # the operator may have created the real one already
     try:
         kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", query={"dryRun": "All"}, body=pod)
     except ApiError as exc:
-        if exc.status == 422:
-            return exc.message
+        if exc.status in (400, 403, 422):
+            return exc.status, exc.message
         raise
     return None
 
@@ -240,14 +240,22 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
             assert status["reason"] == "PrivilegedTemplate", status
             OUTCOMES["accepted, PrivilegedTemplate"] += 1
         elif refusal := pod_refused_by_api(kube, bad_ns, stored, spec):
-            # The CRD and the models accept it, the API server refuses the pod: the job must
-            # fail, naming the refusal (not retry the creation forever).
-            status = jobs.wait(name, lambda s: s.get("phase") == "Failed", 30, "Failed/PodRejected")
-            assert status["reason"] == "PodRejected", status
-            fields = re.findall(r"spec\.[A-Za-z0-9_.\[\]]*[A-Za-z0-9_\]]", refusal)
-            assert "refused" in status["message"], status["message"]
-            assert not fields or fields[0] in status["message"], (refusal, status["message"])
-            OUTCOMES["accepted, pod refused: PodRejected"] += 1
+            code, refused = refusal
+            if code == 403:
+                # Admission refused it (e.g. no such PriorityClass). KNOWN BUG, see
+                # test_pod_forbidden_by_admission_is_reported: the job stays Queued/CreatingPod.
+                # Here only: a phase is set and the operator survives.
+                jobs.wait(name, lambda s: bool(s.get("phase")), 30, "a phase")
+                OUTCOMES["accepted, pod forbidden by admission (known bug)"] += 1
+            else:
+                # Valid for the CRD and the models, invalid as a pod: the job must fail,
+                # naming the refusal (not retry the creation forever).
+                status = jobs.wait(name, lambda s: s.get("phase") == "Failed", 30, "Failed/PodRejected")
+                assert status["reason"] == "PodRejected", status
+                fields = re.findall(r"spec\.[A-Za-z0-9_.\[\]]*[A-Za-z0-9_\]]", refused)
+                assert "refused" in status["message"], status["message"]
+                assert not fields or fields[0] in status["message"], (refused, status["message"])
+                OUTCOMES["accepted, pod refused: PodRejected"] += 1
         else:
             def clear():
                 s = jobs.status(name)
@@ -276,7 +284,7 @@ def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns
                                                  "tolerations": [{"operator": "x"}]})
     jobs.apply(manifest)
     stored = jobs.get("refused")
-    assert pod_refused_by_api(kube, bad_ns, stored, parse_spec(stored["spec"]))
+    assert pod_refused_by_api(kube, bad_ns, stored, parse_spec(stored["spec"]))[0] == 422
     try:
         status = jobs.wait("refused", lambda s: s.get("reason") not in (None, "CreatingPod"), 20,
                            "a reason other than CreatingPod")
@@ -286,6 +294,27 @@ def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns
         assert jobs.pods("refused") == []
     finally:
         rel_cluster.kubectl("delete", "tj", "refused", "-n", bad_ns, "--wait=false", check=False)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (reliability report): a pod refused by admission with "
+                   "403 (here: no such PriorityClass; also quota, PodSecurity) is retried forever "
+                   "with an ERROR log line; the status keeps saying 'creating pod' and no Event "
+                   "says why")
+def test_pod_forbidden_by_admission_is_reported(rel_cluster, bad_ns, bad_operator, kube):
+    jobs = ApiJobs(rel_cluster, bad_ns)
+    jobs.apply(job_manifest("forbidden", template={**sim(outcome="run"),
+                                                   "priorityClassName": "no-such-class"}))
+    stored = jobs.get("forbidden")
+    assert pod_refused_by_api(kube, bad_ns, stored, parse_spec(stored["spec"]))[0] == 403
+    pid = bad_operator.pid
+    try:
+        status = jobs.wait("forbidden", lambda s: s.get("reason") not in (None, "CreatingPod"), 20,
+                           "a reason other than CreatingPod")
+        said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("forbidden"))
+        assert "no-such-class" in said or "PriorityClass" in said, status
+    finally:
+        assert_operator_healthy(bad_operator, pid)
+        rel_cluster.kubectl("delete", "tj", "forbidden", "-n", bad_ns, "--wait=false", check=False)
 
 
 def test_zz_bad_input_outcomes_summary():
