@@ -49,10 +49,16 @@ def private_cluster(gpu_nodes: int = 2, **config):
 
 def create_namespace(cluster: LocalCluster, name: str, timeout: float = 60) -> str:
     cluster.kubectl("create", "namespace", name)
-    # Pods are refused until the controller-manager made the default ServiceAccount.
-    wait_for(lambda: cluster.kubectl("get", "sa", "default", "-n", name,
-                                     check=False).returncode == 0,
-             timeout, f"default ServiceAccount in {name}")
+    # Pods are refused until the controller-manager made the default ServiceAccount. Right
+    # after an API server restart its informers may still be in back-off: then make it here
+    # (these tests are about the operator, not the controller-manager's reconnect delay).
+    def has_sa():
+        return cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0
+    try:
+        wait_for(has_sa, min(timeout, 15), f"default ServiceAccount in {name}")
+    except TimeoutError:
+        cluster.kubectl("create", "serviceaccount", "default", "-n", name, check=False)
+        wait_for(has_sa, timeout, f"default ServiceAccount in {name}")
     return name
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 
+import aiohttp
 import kopf
 
 from .config import OperatorConfig, parse_args
@@ -36,6 +37,24 @@ async def login() -> kopf.ConnectionInfo:
     return info
 
 
+async def wait_for_api(client: KubeClient, cfg: OperatorConfig, stop: asyncio.Event) -> bool:
+    """Run the start-up checks, waiting (not-ready, loudly) while the API server cannot be
+    reached: exiting would only add a crash-loop back-off to the outage. False if stopped."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            await preflight(client, cfg)
+            return True
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("API server unreachable (%s); retrying in %.0fs", exc, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+        delay = min(delay * 2, 15.0)
+    return False
+
+
 async def run(cfg: OperatorConfig) -> int:
     info = await login()
     client = KubeClient(info)
@@ -50,7 +69,8 @@ async def run(cfg: OperatorConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     elector = None
     try:
-        await preflight(client, cfg)
+        if not await wait_for_api(client, cfg, stop):
+            return 0
         if cfg.leader_elect:
             identity = cfg.identity or f"{socket.gethostname()}-{os.getpid()}"
             elector = LeaderElector(client, cfg.leader_election_namespace,

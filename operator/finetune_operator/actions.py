@@ -15,7 +15,12 @@ log = logging.getLogger("finetune.actions")
 
 
 class PodRejected(Exception):
-    """The API server refused the pod as invalid (a spec problem no retry will fix)."""
+    """The API server refused the pod: "rejected" (invalid, a spec problem no retry will
+    fix) or "forbidden" (admission: quota, PriorityClass, Pod Security; may clear later)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
 
 
 class Conflict(Exception):
@@ -54,8 +59,9 @@ async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
             if any(r.get("controller") and r.get("uid") == ours for r in refs):
                 return "adopted"
             return "conflict"
-        if exc.status in (400, 422):
-            raise PodRejected(str(exc.body.get("message") if isinstance(exc.body, dict) else exc)) from None
+        if exc.status in (400, 403, 422):
+            detail = exc.body.get("message") if isinstance(exc.body, dict) else str(exc)
+            raise PodRejected("forbidden" if exc.status == 403 else "rejected", detail) from None
         raise
 
 

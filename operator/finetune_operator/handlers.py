@@ -33,8 +33,8 @@ def _pod_summary(body) -> dict:
     meta = body.get("metadata") or {}
     return {
         "metadata": {k: plain(meta.get(k)) for k in ("name", "namespace", "uid", "labels",
-                                                      "ownerReferences", "deletionTimestamp",
-                                                      "creationTimestamp")
+                                                      "resourceVersion", "ownerReferences",
+                                                      "deletionTimestamp", "creationTimestamp")
                      if meta.get(k) is not None},
         "spec": {"nodeName": (body.get("spec") or {}).get("nodeName"),
                  "containers": [{"name": c.get("name"), "ports": plain(c.get("ports") or [])}

@@ -63,6 +63,7 @@ class Reconciler:
         self.jobs: dict[Key, dict] = {}
         self.state: dict[Key, JobState] = {}
         self._namespaces_seen: set[str] = set()
+        self.gone: dict[Key, set[str]] = {}  # pod uids the watch missed the deletion of
         # Bound by the kopf handlers to kopf's indices (filled before handlers run).
         self.pod_index: Mapping | None = None
         self.node_index: Mapping | None = None
@@ -89,6 +90,7 @@ class Reconciler:
 
     def job_gone(self, key: Key) -> None:
         self.jobs.pop(key, None)
+        self.gone.pop(key, None)
         st = self.state.pop(key, None)
         if st and st.wakeup:
             st.wakeup.cancel()
@@ -102,9 +104,37 @@ class Reconciler:
         if self.pod_index is None:
             return []
         try:
-            return list(self.pod_index.get(key, ()))
+            pods = list(self.pod_index.get(key, ()))
         except Exception:  # noqa: BLE001 - kopf's Store raises on concurrent change
             return []
+        gone = self.gone.get(key)
+        return [p for p in pods if p["metadata"].get("uid") not in gone] if gone else pods
+
+    async def verify_pods(self, key: Key) -> None:
+        """The safety net's own read: LIST the job's pods and drop index entries the API
+        server no longer has. kopf re-lists after a watch gap (410) but keeps objects that
+        vanished meanwhile, so a deletion nobody saw would otherwise never be noticed. Only
+        entries older than the LIST are dropped: a pod created since is simply not in it."""
+        ns, name = key
+        listing = await self.client.get(self.client.pod_path(ns),
+                                        labelSelector=f"{LABEL_JOB_NAME}={name}")
+        listed_at = _rv(listing)
+        listed = {p["metadata"]["uid"] for p in listing.get("items") or []}
+        try:
+            indexed = list(self.pod_index.get(key, ())) if self.pod_index is not None else []
+        except Exception:  # noqa: BLE001
+            return
+        gone = {p["metadata"].get("uid") for p in indexed
+                if p["metadata"].get("uid") not in listed and _rv(p) <= listed_at}
+        if gone - self.gone.get(key, set()):
+            log.warning("%s/%s: pods %s are gone from the API server but not from the watch "
+                        "(missed DELETED events); treating them as deleted", ns, name,
+                        sorted(p["metadata"]["name"] for p in indexed
+                               if p["metadata"].get("uid") in gone))
+        if gone:
+            self.gone[key] = gone
+        else:
+            self.gone.pop(key, None)
 
     def fleet(self) -> Iterable[tuple[str, dict]]:
         """Rows for the scrape-time gauges (metrics.FleetCollector)."""
@@ -135,10 +165,13 @@ class Reconciler:
             while st.dirty:
                 st.dirty = False
                 which = "pod" if "pod" in st.triggers else sorted(st.triggers)[0]
+                verify = "timer" in st.triggers
                 st.triggers.clear()
                 with metrics.RECONCILE_SECONDS.labels(which).time():
                     try:
-                        await self.reconcile(key, which)
+                        if verify:
+                            await self.verify_pods(key)
+                        await self.reconcile(key, "timer" if verify else which)
                     except Exception as exc:  # noqa: BLE001 - loud, counted, retried by the timer
                         metrics.RECONCILE_ERRORS.labels(which).inc()
                         log.error("reconcile %s/%s failed: %s", key[0], key[1], exc,
@@ -300,7 +333,7 @@ class Reconciler:
                     outcome = await actions.create_pod(self.client, ns, pod)
                 except actions.PodRejected as exc:
                     log.warning("%s/%s: the API server refused pod %s: %s", ns, name, pod_name, exc)
-                    refused = ("rejected", str(exc))
+                    refused = (exc.kind, exc.detail)
                     continue
                 if outcome == "created":
                     metrics.ATTEMPTS.labels(ns).inc()

@@ -296,10 +296,6 @@ def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns
         rel_cluster.kubectl("delete", "tj", "refused", "-n", bad_ns, "--wait=false", check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reliability report): a pod refused by admission with "
-                   "403 (here: no such PriorityClass; also quota, PodSecurity) is retried forever "
-                   "with an ERROR log line; the status keeps saying 'creating pod' and no Event "
-                   "says why")
 def test_pod_forbidden_by_admission_is_reported(rel_cluster, bad_ns, bad_operator, kube):
     jobs = ApiJobs(rel_cluster, bad_ns)
     jobs.apply(job_manifest("forbidden", template={**sim(outcome="run"),

@@ -36,3 +36,11 @@ def test_unreadable_phase_is_recovered_from_the_running_pod():
     assert not any(isinstance(a, (CreatePod, DeletePod)) for a in d.actions)
     assert any(isinstance(a, Event) and a.type == "Warning" and a.reason == "StatusRecovered"
                for a in d.actions)
+
+
+def test_admission_refusal_keeps_the_job_queued_with_the_reason():
+    queued = step(None).status
+    d = step(queued, create_error=("forbidden", 'no PriorityClass with name no-such-class was found'))
+    assert (d.status.phase, d.status.reason) == ("Queued", "PodForbidden")
+    assert "no-such-class" in d.status.message
+    assert [a.reason for a in d.actions if isinstance(a, Event)] == ["PodForbidden"]

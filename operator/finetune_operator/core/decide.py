@@ -236,11 +236,15 @@ def _create_refused(obs: Observation, status: TrainingJobStatus) -> Step | None:
     pod = obs.pod_name(status.attempt)
     if kind == "rejected":
         return _fail(obs, status, "PodRejected", f"the API server refused pod {pod}: {detail}"), []
-    if status.reason == "PodNameConflict":
+    if kind == "forbidden":  # admission (quota, PriorityClass, Pod Security): may clear later
+        reason, message = "PodForbidden", f"admission refused pod {pod} (retrying): {detail}"
+    else:
+        reason = "PodNameConflict"
+        message = f"pod {pod} exists but is not controlled by this job ({detail}); delete it to let the job start"
+    if status.reason == reason:
         return status, []
-    message = f"pod {pod} exists but is not controlled by this job ({detail}); delete it to let the job start"
-    return (_update(status, reason="PodNameConflict", message=message),
-            [Event("Warning", "PodNameConflict", one_line(message, 1000))])
+    return (_update(status, reason=reason, message=message),
+            [Event("Warning", reason, one_line(message, 1000))])
 
 
 def _recover_phase(obs: Observation, status: TrainingJobStatus) -> Step:

@@ -131,7 +131,8 @@ class Observation:
     allow_privileged: bool = False
     creation_time: datetime | None = None  # informational; the rules do not use it
     # What the API server said to this reconcile's CreatePod, when it refused it:
-    # ("rejected", message) for an invalid pod (a permanent spec problem), or
+    # ("rejected", message) for an invalid pod (a permanent spec problem), ("forbidden",
+    # message) when admission refused it (quota, PriorityClass, Pod Security: may clear), or
     # ("conflict", message) when a pod by that name exists and the job does not control it.
     create_error: tuple[str, str] | None = None
 
