@@ -37,7 +37,7 @@ GPU nodes under random faults, then invariants.
    the violations; exits 1 when there is any violation.
 Options: --fault-seconds, --fault-rate, --settle-seconds, --seed (replays the job mix and
 the fault choices; timing still varies), --weights kind=w,... (focus on some faults),
---json report.json, --artifacts DIR (keep the logs), --no-known-bug-guards."""
+--json report.json, --artifacts DIR (keep the logs)."""
 from __future__ import annotations
 
 import argparse
@@ -332,7 +332,6 @@ class Chaos:
         self.last_world_change = time.monotonic()
         self.last_fault = time.monotonic()
         self.control_plane_restarted = False
-        self.known_bug_guards = True
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 2)
@@ -580,13 +579,6 @@ class Chaos:
                 self.control_plane_restart(self.rng.uniform(3.0, 6.0))
                 continue
             kind = self.rng.choices(kinds, weights)[0]
-            if kind == "operator_kill" and self.known_bug_guards and not self.control_plane_restarted \
-                    and restart_at - time.monotonic() < 15:
-                # KNOWN BUG (reliability report): an operator that starts while the API server
-                # is down exits in its start-up check (traceback, exit 1) instead of waiting.
-                # Covered by test_operator_started_while_the_apiserver_is_down_waits_for_it;
-                # drop this guard (or run with --no-known-bug-guards) once that is fixed.
-                kind = "operator_pause"
             try:
                 getattr(self, f"f_{kind}")()
             except Exception as exc:  # noqa: BLE001 - a fault that could not be injected
@@ -859,7 +851,7 @@ class Report:
 def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
         settle_seconds: float = 240.0, fault_rate: float | None = None,
         log_dir: Path | None = None, weights: dict | None = None,
-        artifacts: Path | None = None, known_bug_guards: bool = True) -> Report:
+        artifacts: Path | None = None) -> Report:
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     t_start = time.monotonic()
@@ -882,7 +874,6 @@ def run(n_jobs: int = 300, fault_seconds: float = 90.0, seed: int | None = None,
         apply_crd(cluster)
         create_namespace(cluster, NAMESPACE)
         chaos = Chaos(cluster, NAMESPACE, plans, rng, log_dir or cluster.log_dir)
-        chaos.known_bug_guards = known_bug_guards
         chaos.pods.start()
         chaos.jobs.start()
         chaos.operator.start()
@@ -1025,9 +1016,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument("--artifacts", type=Path, default=None,
                    help="copy the component and operator logs into this directory")
-    p.add_argument("--no-known-bug-guards", action="store_true",
-                   help="also inject fault combinations that hit known, reported operator bugs "
-                        "(an operator restarted shortly before the API server crash)")
     p.add_argument("--weights", default="",
                    help="fault weights, e.g. node_delete=5,operator_pause=2 (others keep their "
                         f"defaults; 0 disables a kind). Defaults: {FAULT_WEIGHTS}")
@@ -1040,8 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         weights[kind] = float(value)
     weights = {k: w for k, w in weights.items() if w > 0}
     report = run(args.jobs, args.fault_seconds, args.seed, args.settle_seconds, args.fault_rate,
-                 weights=weights, artifacts=args.artifacts,
-                 known_bug_guards=not args.no_known_bug_guards)
+                 weights=weights, artifacts=args.artifacts)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=1))

@@ -242,11 +242,12 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
         elif refusal := pod_refused_by_api(kube, bad_ns, stored, spec):
             code, refused = refusal
             if code == 403:
-                # Admission refused it (e.g. no such PriorityClass). KNOWN BUG, see
-                # test_pod_forbidden_by_admission_is_reported: the job stays Queued/CreatingPod.
-                # Here only: a phase is set and the operator survives.
-                jobs.wait(name, lambda s: bool(s.get("phase")), 30, "a phase")
-                OUTCOMES["accepted, pod forbidden by admission (known bug)"] += 1
+                # Admission refused it (e.g. no such PriorityClass): it may clear later, so
+                # the job waits in Queued, saying why.
+                status = jobs.wait(name, lambda s: s.get("reason") == "PodForbidden", 30,
+                                   "Queued/PodForbidden")
+                assert status["phase"] == "Queued", status
+                OUTCOMES["accepted, PodForbidden"] += 1
             else:
                 # Valid for the CRD and the models, invalid as a pod: the job must fail,
                 # naming the refusal (not retry the creation forever).
