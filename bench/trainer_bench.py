@@ -13,15 +13,9 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in (
-    ("HF_HUB_OFFLINE", "1"),
-    ("HF_DATASETS_OFFLINE", "1"),
-    ("TRANSFORMERS_OFFLINE", "1"),
-    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-    ("OMP_NUM_THREADS", "1"),
-):
-    os.environ.setdefault(_k, _v)
+from finetune_trainer.testing import quiet_offline_env  # noqa: E402
+
+quiet_offline_env()
 
 import argparse
 import json

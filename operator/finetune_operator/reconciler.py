@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from . import actions, metrics
-from .api import (LABEL_JOB_NAME, TERMINAL_PHASES, SpecError, TrainingJobStatus, parse_spec,
+from .api import (LABEL_JOB_NAME, SpecError, TrainingJobStatus, parse_spec,
                   parse_status, status_to_dict)
 from .config import OperatorConfig
 from .core import (CreatePod, DeleteJob, DeletePod, Event, Observation, ProgressSample, decide,
@@ -50,7 +50,6 @@ class JobState:
     last_progress_write: float = 0.0
     sample: ProgressSample | None = None   # last successful read for sample_attempt
     sample_attempt: int | None = None
-    sample_time: float = 0.0
     wakeup: asyncio.TimerHandle | None = None
     triggers: set = field(default_factory=set)
 
@@ -208,7 +207,7 @@ class Reconciler:
             # one that never answered stays "unknown" (None), never a stall.
             if sample is not None:
                 changed = sample != st.sample
-                st.sample, st.sample_time = sample, time.monotonic()
+                st.sample = sample
         due = time.monotonic() - st.last_reconcile >= self.config.timer_interval
         if changed or due:
             await self.trigger(key, "timer" if due else "progress")
@@ -410,10 +409,6 @@ def _metrics_port(pod: dict) -> int | None:
             if port.get("name") == "metrics":
                 return port.get("containerPort")
     return None
-
-
-def is_live(status: Mapping | None) -> bool:
-    return (status or {}).get("phase") not in TERMINAL_PHASES
 
 
 def job_key_of_pod(namespace: str, labels: Mapping[str, str]) -> Key | None:

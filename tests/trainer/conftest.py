@@ -4,18 +4,10 @@ helper that runs ``python -m finetune_trainer`` as a subprocess."""
 
 from __future__ import annotations
 
-import os
 
-# Offline and quiet before anything imports transformers (trainer.md pitfalls 3 and 11).
-for _var, _val in (
-    ("HF_HUB_OFFLINE", "1"),
-    ("HF_DATASETS_OFFLINE", "1"),
-    ("TRANSFORMERS_OFFLINE", "1"),
-    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-    ("OMP_NUM_THREADS", "1"),
-):
-    os.environ.setdefault(_var, _val)
+from finetune_trainer.testing import quiet_offline_env  # noqa: E402
+
+quiet_offline_env()
 
 from pathlib import Path
 

@@ -17,6 +17,22 @@ WORDS = (
 ).split()
 
 
+QUIET_OFFLINE_ENV = (
+    ("HF_HUB_OFFLINE", "1"),
+    ("HF_DATASETS_OFFLINE", "1"),
+    ("TRANSFORMERS_OFFLINE", "1"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+    ("OMP_NUM_THREADS", "1"),
+)
+
+
+def quiet_offline_env() -> None:
+    """Offline and quiet; call before anything imports transformers (trainer.md pitfalls 3, 11)."""
+    for key, value in QUIET_OFFLINE_ENV:
+        os.environ.setdefault(key, value)
+
+
 def synthetic_sentences(n: int, seed: int = 0, min_words: int = 6, max_words: int = 24) -> list[str]:
     rng = random.Random(seed)
     return [
