@@ -11,13 +11,12 @@ import signal
 import socket
 import sys
 
-import aiohttp
 import kopf
 
 from .config import OperatorConfig, parse_args
 from .handlers import register
 from .health import HealthServer, keep_checking_api
-from .kube import KubeClient
+from .kube import TRANSPORT_ERRORS, KubeClient
 from .leader import LeaderElector
 from . import metrics
 from .metrics import REGISTRY, FleetCollector
@@ -45,7 +44,7 @@ async def wait_for_api(client: KubeClient, cfg: OperatorConfig, stop: asyncio.Ev
         try:
             await preflight(client, cfg)
             return True
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             log.warning("API server unreachable (%s); retrying in %.0fs", exc, delay)
         try:
             await asyncio.wait_for(stop.wait(), delay)

@@ -52,6 +52,11 @@ class FaultInjection:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+# The API server unreachable, restarting or dropping a connection: expected, retried, and
+# logged in one line (a traceback would say "bug").
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: Any, method: str, path: str):
         self.status, self.body = status, body
@@ -147,7 +152,7 @@ class KubeClient:
                                              headers=headers, params=params) as resp:
                 text = await resp.text()
                 status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             metrics.API_REQUESTS.labels(method.lower(), resource, "error").inc()
             self.state.ready, self.state.last_error = False, f"{type(exc).__name__}: {exc}"
             metrics.API_READY.set(0)

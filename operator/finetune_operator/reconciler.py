@@ -20,7 +20,7 @@ from .api import (LABEL_JOB_NAME, SpecError, TrainingJobStatus, parse_spec,
 from .config import OperatorConfig
 from .core import (CreatePod, DeleteJob, DeletePod, Event, Observation, ProgressSample, decide,
                    observe_pod, parse_time, status_changed_materially)
-from .kube import ApiError, KubeClient
+from .kube import TRANSPORT_ERRORS, ApiError, KubeClient
 from .pods import build_pod
 from .progress import ProgressReader
 from .trainer_env import trainer_env
@@ -174,7 +174,7 @@ class Reconciler:
                     except Exception as exc:  # noqa: BLE001 - loud, counted, retried by the timer
                         metrics.RECONCILE_ERRORS.labels(which).inc()
                         log.error("reconcile %s/%s failed: %s", key[0], key[1], exc,
-                                  exc_info=not isinstance(exc, (ApiError, OSError)))
+                                  exc_info=not isinstance(exc, (ApiError, *TRANSPORT_ERRORS)))
                         self._schedule(key, 5.0 + random.random() * 5)
         finally:
             st.running = False

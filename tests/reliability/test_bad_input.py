@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from finetune_operator.api.models import PHASES
+from finetune_operator.api.models import MAX_ATTEMPTS, PHASES
 from finetune_operator.api.parsing import SpecError, parse_spec
 from finetune_operator.core.privileged import privileged_settings
 from finetune_operator.pods import build_pod
@@ -332,7 +332,7 @@ def _running_job(rel_cluster, jobs: Jobs, name: str) -> dict:
 def test_status_subresource_refuses_garbage_with_field_names(rel_cluster, bad_ns, bad_operator):
     jobs = ApiJobs(rel_cluster, bad_ns)
     _running_job(rel_cluster, jobs, "garbage")
-    for patch, field in [({"phase": "Exploded"}, "status.phase"), ({"attempt": -1}, "status.attempt"),
+    for patch, field in [({"phase": "Exploded"}, "status.phase"), ({"attempt": -1}, "status.attempt"), ({"attempt": 2**62}, "status.attempt"),
                          ({"conditions": [{"type": "X", "status": "Maybe"}]}, "status.conditions[0].status"),
                          ({"startTime": "yesterday"}, "status.startTime")]:
         res = rel_cluster.kubectl("patch", "tj", "garbage", "-n", bad_ns, "--subresource=status",
@@ -377,13 +377,14 @@ def test_unknown_phase_in_etcd_is_repaired_without_killing_the_running_pod(
 
 
 def test_absurd_counters_in_etcd_do_not_crash_the_operator(rel_cluster, bad_ns, bad_operator):
-    """attempt 2**62 with nonsense conditions: the operator keeps running and writes a valid
-    status again (it may start a new attempt: status claims a pod that does not exist)."""
+    """attempt 2**63-1 (one increment from overflowing int64) with nonsense conditions: the
+    operator keeps running and writes a valid status again (it may start a new attempt)."""
     def corrupt(st):
-        st.update(attempt=2**62, failures=2**40, resumes=7, restarts=-3,
+        st.update(attempt=2**63 - 1, failures=2**40, resumes=7, restarts=-3,
                   conditions=[{"type": "Running", "status": "Perhaps"}, {"bogus": True}, "junk"])
     _, after, _, pods = _corrupt_and_watch(rel_cluster, bad_ns, bad_operator, "absurd", corrupt)
     assert after["phase"] in ("Running", "Queued", "Starting", "Resuming", "Failed"), after
+    assert after["attempt"] <= MAX_ATTEMPTS and after["failures"] <= MAX_ATTEMPTS, after
     assert all(c.get("status") in ("True", "False", "Unknown") for c in after.get("conditions", []))
 
 

@@ -111,6 +111,8 @@ def test_parse_status_tolerates_junk_and_keeps_good_fields():
     assert (status.phase, status.attempt, status.resumes, status.failures) == ("Running", 3, 2, 0)
     assert parse_status(None) == TrainingJobStatus()
     assert parse_status({"phase": "Exploded"}).phase is None
+    # past the schema's bound (written around validation): dropped, so +1 cannot overflow int64
+    assert parse_status({"phase": "Running", "attempt": 2**63 - 1}).attempt == 0
 
 
 def test_status_dump_uses_camel_case_and_rfc3339_seconds():

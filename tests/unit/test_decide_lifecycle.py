@@ -119,6 +119,15 @@ def test_zero_backoff_starts_the_next_attempt_in_the_same_decision():
     assert [e.reason for e in d.events] == ["NonZeroExitCode", "CreatingPod"]
 
 
+def test_the_attempt_after_the_last_allowed_one_fails_the_job_instead_of_wedging_it():
+    from finetune_operator.api.models import MAX_ATTEMPTS
+    spec = make_spec(runPolicy={"backoffSeconds": 0, "maxResumes": 10_000})
+    status = running_job(spec).model_copy(update={"attempt": MAX_ATTEMPTS})
+    d = step(status, [], now=at(30), spec=spec)  # its pod vanished: an interruption
+    assert (d.status.phase, d.status.reason, d.status.attempt) == ("Failed", "AttemptLimitExceeded", MAX_ATTEMPTS)
+    assert d.creates == ()
+
+
 def test_checkpoint_is_mentioned_when_resuming():
     status = running_job()
     report = {"outcome": "preempted", "checkpoint": "/ck/checkpoint-400", "checkpointStep": 400}

@@ -49,6 +49,9 @@ MAX_JOB_NAME_LENGTH = 63
 PHASES = ("Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed")
 Phase = Literal["Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed"]
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+# Bounds status counters: a hand-written huge value is refused (and dropped when read back)
+# instead of overflowing int64 on the operator's next increment and wedging the job.
+MAX_ATTEMPTS = 1_000_000
 
 # Kubernetes resource.Quantity, as accepted by the apiserver.
 QUANTITY_PATTERN = (
@@ -456,10 +459,10 @@ class TrainingJobStatus(StatusModel):
         default_factory=list,
         description="Admitted, Running, Progressing, Resumable, Suspended, Succeeded, Failed.",
     )
-    attempt: int = Field(0, ge=0, description="Current attempt; its pod is <job>-<attempt>.")
-    failures: int = Field(0, ge=0, description="Attempts that failed (count against backoffLimit).")
-    resumes: int = Field(0, ge=0, description="Attempts that were interrupted (count against maxResumes).")
-    restarts: int = Field(0, ge=0, description="failures + resumes.")
+    attempt: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Current attempt; its pod is <job>-<attempt>.")
+    failures: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Attempts that failed (count against backoffLimit).")
+    resumes: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Attempts that were interrupted (count against maxResumes).")
+    restarts: int = Field(0, ge=0, le=2 * MAX_ATTEMPTS, description="failures + resumes.")
     progress: Progress | None = Field(None, description="Training progress.")
     checkpoint: CheckpointStatus | None = Field(None, description="Latest known checkpoint.")
     last_interruption: Interruption | None = Field(None, description="Why the last attempt ended without success.")

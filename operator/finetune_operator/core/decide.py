@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..api.models import TERMINAL_PHASES, Interruption, TrainingJobSpec, TrainingJobStatus
+from ..api.models import MAX_ATTEMPTS, TERMINAL_PHASES, Interruption, TrainingJobSpec, TrainingJobStatus
 from .actions import Action, CreatePod, Decision, DeleteJob, DeletePod, Event
 from .classify import Completed, Ended, InFlight, classify_pod, node_lost, node_lost_at, stall_at
 from .conditions import merge_conditions, wanted_conditions
@@ -75,6 +75,9 @@ def _fail(obs: Observation, status: TrainingJobStatus, reason: str, message: str
 
 
 def _start_attempt(obs: Observation, status: TrainingJobStatus, attempt: int, why: str) -> Step:
+    if attempt > MAX_ATTEMPTS:  # the status schema refuses more; fail loudly instead of wedging
+        return _fail(obs, status, "AttemptLimitExceeded",
+                     f"attempt {attempt} would exceed the limit of {MAX_ATTEMPTS} attempts"), []
     checkpoint = status.checkpoint
     resume_note = f", resuming from checkpoint step {checkpoint.step}" if checkpoint and checkpoint.step else ""
     now = _now(obs)
