@@ -376,6 +376,8 @@ def run_side(ctx: Context, side: Side) -> dict:
                                               workload.SUCCEED_PATCH), rest, args.rate)
         wait_until(lambda: watcher.count_owners("complete") >= n, wait, f"{n} owners complete",
                    0.05)
+        # the two watch streams are independent: an owner's event can arrive before its pod's
+        wait_until(lambda: watcher.count_pods("Succeeded") >= n, wait, f"{n} pods Succeeded", 0.05)
         res["completion_phase_s"] = time.monotonic() - t_c
         rest_set = set(rest)
         lags = watcher.lags("Succeeded", "complete", owners=rest_set)

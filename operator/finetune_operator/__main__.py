@@ -14,7 +14,7 @@ import sys
 import kopf
 
 from .config import OperatorConfig, parse_args
-from .handlers import register
+from .handlers import POD_SELECTOR, register
 from .health import HealthServer, keep_checking_api
 from .kube import TRANSPORT_ERRORS, KubeClient
 from .leader import LeaderElector
@@ -22,6 +22,7 @@ from . import metrics
 from .metrics import REGISTRY, FleetCollector
 from .preflight import PreflightError, preflight
 from .reconciler import Reconciler
+from .watch_gaps import keep_auditing
 
 log = logging.getLogger("finetune.operator")
 
@@ -98,6 +99,8 @@ async def run(cfg: OperatorConfig) -> int:
         # Created before kopf starts: kopf waits 5 s on exit for every task created after its
         # start ("hung" tasks), and a waiter left pending would delay the Lease release.
         waiters = [asyncio.ensure_future(stop.wait())]
+        auditor = asyncio.ensure_future(keep_auditing(reconciler, client, cfg.timer_interval,
+                                                      POD_SELECTOR))
         if elector:
             waiters.append(asyncio.ensure_future(elector.lost.wait()))
 
@@ -124,6 +127,7 @@ async def run(cfg: OperatorConfig) -> int:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+            auditor.cancel()
         if elector and elector.lost.is_set():
             log.error("leadership lost; exiting so that a fresh process can stand by")
             return 1

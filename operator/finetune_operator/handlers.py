@@ -16,6 +16,7 @@ import kopf
 from .api import GROUP, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, TERMINAL_PHASES, VERSION
 from .api.parsing import plain
 from .config import OperatorConfig
+from .kube import resource_version
 from .reconciler import Reconciler, job_key_of_pod
 
 log = logging.getLogger("finetune.handlers")
@@ -53,6 +54,22 @@ def _job_body(body) -> dict:
     return out
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf deep-copies every event's whole body (status and managedFields included) to diff
+    it against the last handled state; only on.create/update/field handlers read that diff,
+    and we register none. An empty essence skips the copy: 11.5% of the operator's CPU in
+    the 1,000-job profile (bench/README.md). Nothing is stored, so no annotation is written."""
+
+    def build(self, *, body, extra_fields=None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body) -> kopf.BodyEssence | None:
+        return kopf.BodyEssence()
+
+    def store(self, *, body, patch, essence) -> None:
+        return None
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorConfig) -> None:
     on = dict(registry=registry)
 
@@ -60,8 +77,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     async def configure(settings: kopf.OperatorSettings, **_):
         settings.persistence.finalizer = f"{GROUP}/operator"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=GROUP, key="last-handled-configuration")
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.watching.label_selectors["v1", "pods"] = POD_SELECTOR
         settings.watching.chunk_size = 500
         settings.watching.reconnect_backoff = 1.0
@@ -77,11 +93,12 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         return {key: _pod_summary(body)} if key else None
 
     @kopf.index("v1", "nodes", id="node_readiness", **on)
-    async def node_readiness(name, status, **_):
+    async def node_readiness(name, status, body, **_):
         ready = next((c for c in (status or {}).get("conditions") or [] if c.get("type") == "Ready"),
                      None)
         return {name: {"ready": bool(ready and ready.get("status") == "True"),
-                       "since": (ready or {}).get("lastTransitionTime")}}
+                       "since": (ready or {}).get("lastTransitionTime"),
+                       "rv": resource_version(body)}}
 
     @kopf.on.event(GROUP, VERSION, PLURAL, **on)
     async def job_event(event, body, pods_by_job, node_readiness, **_):
@@ -115,6 +132,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         await reconciler.tick(key)
 
     _timers_without_finalizer(registry)
+    if registry._changing.get_all_handlers():  # noqa: SLF001 - NoDiffBase would starve them
+        raise RuntimeError("on.create/update/field handlers need a real kopf DiffBaseStorage")
 
 
 def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:

@@ -12,7 +12,7 @@ import ssl
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import aiohttp
 import kopf
@@ -55,6 +55,14 @@ class FaultInjection:
 # The API server unreachable, restarting or dropping a connection: expected, retried, and
 # logged in one line (a traceback would say "bug").
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+def resource_version(obj: Mapping | None) -> int:
+    """An object's or list's resourceVersion as a number (0 when absent or odd)."""
+    try:
+        return int((obj or {}).get("metadata", {}).get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 class ApiError(Exception):

@@ -20,7 +20,7 @@ from .api import (LABEL_JOB_NAME, SpecError, TrainingJobStatus, parse_spec,
 from .config import OperatorConfig
 from .core import (CreatePod, DeleteJob, DeletePod, Event, Observation, ProgressSample, decide,
                    observe_pod, parse_time, status_changed_materially)
-from .kube import TRANSPORT_ERRORS, ApiError, KubeClient
+from .kube import TRANSPORT_ERRORS, ApiError, KubeClient, resource_version as _rv
 from .pods import build_pod
 from .progress import ProgressReader
 from .trainer_env import trainer_env
@@ -31,13 +31,6 @@ Key = tuple[str, str]
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _rv(obj: Mapping | None) -> int:
-    try:
-        return int((obj or {}).get("metadata", {}).get("resourceVersion", 0))
-    except (TypeError, ValueError):
-        return 0
 
 
 @dataclass
@@ -63,6 +56,7 @@ class Reconciler:
         self.state: dict[Key, JobState] = {}
         self._namespaces_seen: set[str] = set()
         self.gone: dict[Key, set[str]] = {}  # pod uids the watch missed the deletion of
+        self.nodes_gone: set[str] = set()       # Node names the watch missed the deletion of
         # Bound by the kopf handlers to kopf's indices (filled before handlers run).
         self.pod_index: Mapping | None = None
         self.node_index: Mapping | None = None
@@ -100,40 +94,39 @@ class Reconciler:
             st.pod_change_since = time.monotonic()
 
     def pods_of(self, key: Key) -> list[dict]:
-        if self.pod_index is None:
-            return []
-        try:
-            pods = list(self.pod_index.get(key, ()))
-        except Exception:  # noqa: BLE001 - kopf's Store raises on concurrent change
-            return []
+        pods = self._indexed_pods(key)
         gone = self.gone.get(key)
         return [p for p in pods if p["metadata"].get("uid") not in gone] if gone else pods
 
-    async def verify_pods(self, key: Key) -> None:
-        """The safety net's own read: LIST the job's pods and drop index entries the API
-        server no longer has. kopf re-lists after a watch gap (410) but keeps objects that
-        vanished meanwhile, so a deletion nobody saw would otherwise never be noticed. Only
-        entries older than the LIST are dropped: a pod created since is simply not in it."""
-        ns, name = key
-        listing = await self.client.get(self.client.pod_path(ns),
-                                        labelSelector=f"{LABEL_JOB_NAME}={name}")
-        listed_at = _rv(listing)
-        listed = {p["metadata"]["uid"] for p in listing.get("items") or []}
-        try:
-            indexed = list(self.pod_index.get(key, ())) if self.pod_index is not None else []
-        except Exception:  # noqa: BLE001
+    def pods_vanished(self, gone: dict[Key, set[str]]) -> None:
+        """From the watch-gap audit: pods the API server no longer has but the index still
+        holds (missed DELETED events). They are ignored from now on; their jobs re-decide."""
+        for key, uids in gone.items():
+            new = uids - self.gone.get(key, set())
+            if new and key in self.jobs:
+                log.warning("%s/%s: pods %s are gone from the API server but not from the watch "
+                            "(missed DELETED events); treating them as deleted", key[0], key[1],
+                            sorted(p["metadata"]["name"] for p in self._indexed_pods(key)
+                                   if p["metadata"].get("uid") in new))
+                asyncio.ensure_future(self.trigger(key, "timer"))
+        self.gone = gone
+
+    def nodes_vanished(self, names: set[str]) -> None:
+        """From the watch-gap audit: Nodes deleted while the watch was away read as gone."""
+        new = names - self.nodes_gone
+        self.nodes_gone = names
+        if not new:
             return
-        gone = {p["metadata"].get("uid") for p in indexed
-                if p["metadata"].get("uid") not in listed and _rv(p) <= listed_at}
-        if gone - self.gone.get(key, set()):
-            log.warning("%s/%s: pods %s are gone from the API server but not from the watch "
-                        "(missed DELETED events); treating them as deleted", ns, name,
-                        sorted(p["metadata"]["name"] for p in indexed
-                               if p["metadata"].get("uid") in gone))
-        if gone:
-            self.gone[key] = gone
-        else:
-            self.gone.pop(key, None)
+        log.warning("nodes %s are gone from the API server but not from the watch", sorted(new))
+        for key in list(self.jobs):
+            if any((p.get("spec") or {}).get("nodeName") in new for p in self.pods_of(key)):
+                asyncio.ensure_future(self.trigger(key, "timer"))
+
+    def _indexed_pods(self, key: Key) -> list[dict]:
+        try:
+            return list(self.pod_index.get(key, ())) if self.pod_index is not None else []
+        except Exception:  # noqa: BLE001 - kopf's Store raises on concurrent change
+            return []
 
     def fleet(self) -> Iterable[tuple[str, dict]]:
         """Rows for the scrape-time gauges (metrics.FleetCollector)."""
@@ -164,13 +157,11 @@ class Reconciler:
             while st.dirty:
                 st.dirty = False
                 which = "pod" if "pod" in st.triggers else sorted(st.triggers)[0]
-                verify = "timer" in st.triggers
+                timer = "timer" in st.triggers
                 st.triggers.clear()
                 with metrics.RECONCILE_SECONDS.labels(which).time():
                     try:
-                        if verify:
-                            await self.verify_pods(key)
-                        await self.reconcile(key, "timer" if verify else which)
+                        await self.reconcile(key, "timer" if timer else which)
                     except Exception as exc:  # noqa: BLE001 - loud, counted, retried by the timer
                         metrics.RECONCILE_ERRORS.labels(which).inc()
                         log.error("reconcile %s/%s failed: %s", key[0], key[1], exc,
@@ -254,7 +245,7 @@ class Reconciler:
             node = pod.node_name
             if not node or node in out:
                 continue
-            facts = list(self.node_index.get(node, ()))
+            facts = [] if node in self.nodes_gone else list(self.node_index.get(node, ()))
             if not facts:
                 out[node] = None  # the Node object is gone
             elif not facts[0]["ready"]:
