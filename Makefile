@@ -65,12 +65,19 @@ run: $(STAMP)
 demo: $(STAMP) binaries
 	$(VPY) -m finetune_testbed.demo
 
-bench: $(STAMP) binaries
-	$(VPY) -m bench.run $(BENCH_ARGS)
+# The operator as the image installs it (no extras): what RSS and CPU figures should describe.
+OPVENV := .venv-operator
+$(OPVENV)/.installed: pyproject.toml
+	test -x $(OPVENV)/bin/python || $(PY) -m venv $(OPVENV)
+	$(OPVENV)/bin/python -m pip install -q -e .
+	touch $@
+
+bench: $(STAMP) $(OPVENV)/.installed binaries
+	$(VPY) -m bench.run --operator-python $(OPVENV)/bin/python $(BENCH_ARGS)
 
 JOBS ?= 300
 chaos: $(STAMP) binaries
 	$(VPY) -m finetune_testbed.chaos --jobs $(JOBS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(OPVENV) .pytest_cache .hypothesis

@@ -17,10 +17,10 @@ FAST_ARGS = ["--timer-interval", "5", "--progress-interval", "2",
 
 class OperatorProcess:
     def __init__(self, kubeconfig: Path, log_dir: Path, *, args: list[str] | None = None,
-                 name: str = "operator", env: dict | None = None):
+                 name: str = "operator", env: dict | None = None, python: str | None = None):
         self.metrics_port, self.health_port = free_port(), free_port()
         self.kubeconfig = kubeconfig
-        argv = [sys.executable, "-m", "finetune_operator",
+        argv = [python or sys.executable, "-m", "finetune_operator",
                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
                 "--bind-address", "127.0.0.1", *(FAST_ARGS if args is None else args)]
         self.proc = Proc(name, argv, log_dir, env={"KUBECONFIG": str(kubeconfig),

@@ -33,6 +33,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def without_managed_fields(job: dict) -> dict:
+    """A job as we cache it (in place; the dict is ours): metadata.managedFields is never read
+    and is the bulk of a TrainingJob (18 MiB of RSS at 1,000 jobs, bench/README.md)."""
+    (job.get("metadata") or {}).pop("managedFields", None)
+    return job
+
+
 @dataclass
 class JobState:
     """Work in flight for one job (not job state: that lives in the API server)."""
@@ -280,7 +287,7 @@ class Reconciler:
                         if job is None:
                             return
                         continue
-                    self.jobs[key] = job
+                    self.jobs[key] = job = without_managed_fields(job)
                     st.last_progress_write = time.monotonic()
                     written = True
                     self._record_metrics(key, job, old_status, decision.status, now)
@@ -304,7 +311,7 @@ class Reconciler:
                 self.job_gone(key)
                 return None
             raise
-        self.jobs[key] = job
+        self.jobs[key] = job = without_managed_fields(job)
         return job
 
     async def _act(self, key: Key, job: dict, decision, obs: Observation) -> tuple[str, str] | None:
