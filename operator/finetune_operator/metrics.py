@@ -61,10 +61,10 @@ class FleetCollector:
     def collect(self):
         jobs = GaugeMetricFamily(P + "jobs", "TrainingJobs by phase.", labels=["namespace", "phase"])
         oldest = GaugeMetricFamily(P + "oldest_queued_seconds",
-                                   "Age of the oldest job waiting in Queued.", labels=["namespace"])
+                                   "Seconds the oldest Queued job has waited (since its attempt started).", labels=["namespace"])
         stalled = GaugeMetricFamily(P + "stalled_jobs",
                                     "Running jobs whose trainer reported no step for longer than "
-                                    "half their stall timeout.", labels=["namespace"])
+                                    "their stall timeout (1800 s when unset).", labels=["namespace"])
         counts: dict[tuple[str, str], int] = {}
         oldest_by_ns: dict[str, float] = {}
         stalled_by_ns: dict[str, int] = {}

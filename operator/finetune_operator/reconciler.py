@@ -40,6 +40,29 @@ def without_managed_fields(job: dict) -> dict:
     return job
 
 
+DEFAULT_STALL_SECONDS = 1800  # stalled_jobs' threshold when runPolicy sets none (CONTRACTS.md)
+
+
+def fleet_row(job: Mapping, now: dt.datetime) -> dict[str, Any]:
+    """One job's part of the fleet gauges, as docs/CONTRACTS.md defines them: how long it has
+    been Queued (since its attempt started, else since creation) and whether it is Running
+    without a step heartbeat (else since the attempt started) for longer than its stall timeout."""
+    status = job.get("status") or {}
+    phase = status.get("phase") or "Queued"
+    row: dict[str, Any] = {"phase": phase}
+    since = parse_time(status.get("attemptStartTime")) or parse_time(
+        (job.get("metadata") or {}).get("creationTimestamp"))
+    if phase == "Queued":
+        row["queued_for"] = (now - since).total_seconds() if since else None
+    if phase == "Running":
+        limit = ((job.get("spec") or {}).get("runPolicy") or {}).get("stallTimeoutSeconds") \
+            or DEFAULT_STALL_SECONDS
+        last = parse_time((status.get("progress") or {}).get("heartbeatTime")) or \
+            parse_time(status.get("attemptStartTime"))
+        row["stalling"] = last is not None and (now - last).total_seconds() > limit
+    return row
+
+
 @dataclass
 class JobState:
     """Work in flight for one job (not job state: that lives in the API server)."""
@@ -139,17 +162,7 @@ class Reconciler:
         """Rows for the scrape-time gauges (metrics.FleetCollector)."""
         now = utcnow()
         for (ns, _name), job in list(self.jobs.items()):
-            status = job.get("status") or {}
-            phase = status.get("phase") or "Queued"
-            row: dict[str, Any] = {"phase": phase}
-            if phase == "Queued":
-                created = parse_time(job["metadata"].get("creationTimestamp"))
-                row["queued_for"] = (now - created).total_seconds() if created else None
-            stall = ((job.get("spec") or {}).get("runPolicy") or {}).get("stallTimeoutSeconds")
-            updated = parse_time(((status.get("progress") or {}).get("updateTime")))
-            if phase == "Running" and stall and updated:
-                row["stalling"] = (now - updated).total_seconds() > stall / 2
-            yield ns, row
+            yield ns, fleet_row(job, now)
 
     # ---- triggering ----------------------------------------------------------------
     async def trigger(self, key: Key, trigger: str) -> None:

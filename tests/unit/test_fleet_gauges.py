@@ -1,0 +1,43 @@
+"""The scrape-time fleet gauges' per-job rows, as docs/CONTRACTS.md defines them."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from finetune_operator.reconciler import DEFAULT_STALL_SECONDS, fleet_row
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def ts(seconds_ago: float) -> str:
+    return (NOW - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job(status: dict | None = None, stall: int | None = None, created_ago: float = 5000) -> dict:
+    spec = {"runPolicy": {"stallTimeoutSeconds": stall}} if stall else {}
+    return {"metadata": {"creationTimestamp": ts(created_ago)}, "spec": spec, "status": status or {}}
+
+
+def test_a_new_job_is_queued_since_its_creation():
+    assert fleet_row(job(), NOW) == {"phase": "Queued", "queued_for": 5000.0}
+
+
+def test_a_requeued_job_is_queued_since_its_attempt_started_not_since_creation():
+    row = fleet_row(job({"phase": "Queued", "attemptStartTime": ts(30)}), NOW)
+    assert row["queued_for"] == 30.0
+
+
+def test_running_without_a_heartbeat_past_the_stall_timeout_is_stalled():
+    assert fleet_row(job({"phase": "Running", "attemptStartTime": ts(100),
+                          "progress": {"heartbeatTime": ts(61)}}, stall=60), NOW)["stalling"]
+    assert not fleet_row(job({"phase": "Running", "attemptStartTime": ts(100),
+                              "progress": {"heartbeatTime": ts(59)}}, stall=60), NOW)["stalling"]
+
+
+def test_without_a_heartbeat_the_attempt_start_counts_and_the_default_limit_applies():
+    long_ago = job({"phase": "Running", "attemptStartTime": ts(DEFAULT_STALL_SECONDS + 1)})
+    recent = job({"phase": "Running", "attemptStartTime": ts(DEFAULT_STALL_SECONDS - 1)})
+    assert fleet_row(long_ago, NOW)["stalling"] and not fleet_row(recent, NOW)["stalling"]
+
+
+def test_finished_jobs_are_neither_queued_nor_stalled():
+    assert fleet_row(job({"phase": "Succeeded", "attemptStartTime": ts(9999)}), NOW) == {"phase": "Succeeded"}
