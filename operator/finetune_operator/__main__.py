@@ -57,7 +57,7 @@ async def wait_for_api(client: KubeClient, cfg: OperatorConfig, stop: asyncio.Ev
 
 async def run(cfg: OperatorConfig) -> int:
     info = await login()
-    client = KubeClient(info)
+    client = KubeClient(info, connections=cfg.api_connections)
     health = HealthServer(client.state)
     await health.start(cfg.bind_address, cfg.health_port, cfg.metrics_port)
     api_watchdog = asyncio.ensure_future(keep_checking_api(client))

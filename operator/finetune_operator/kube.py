@@ -124,8 +124,9 @@ class ApiState:
 
 class KubeClient:
     def __init__(self, login: Callable[[], Awaitable[kopf.ConnectionInfo]] | kopf.ConnectionInfo,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, connections: int = 48):
         self._login = login
+        self._connections = connections
         self._session: aiohttp.ClientSession | None = None
         self._info: kopf.ConnectionInfo | None = None
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=5)
@@ -140,7 +141,7 @@ class KubeClient:
         self._session = aiohttp.ClientSession(
             base_url=info.server.rstrip("/") + "/",
             headers=info.as_http_headers(),
-            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=16),
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=self._connections),
             timeout=self._timeout,
         )
 
