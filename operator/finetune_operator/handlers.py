@@ -17,7 +17,7 @@ from .api import GROUP, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, TERMINAL_PHASES, V
 from .api.parsing import plain
 from .config import OperatorConfig
 from .kube import resource_version
-from .reconciler import Reconciler, job_key_of_pod
+from .reconciler import Reconciler, job_key_of_pod, without_managed_fields
 
 log = logging.getLogger("finetune.handlers")
 POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
@@ -105,7 +105,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         reconciler.bind(pods_by_job, node_readiness)
         # kopf keeps the latest raw body of every object with a timer (what `event` holds):
         # managedFields, never read, was most of it: 53 MiB at 1,000 jobs (bench/README.md).
-        ((event.get("object") or {}).get("metadata") or {}).pop("managedFields", None)
+        without_managed_fields(event.get("object") or {})
         if event.get("type") == "DELETED":
             reconciler.job_gone((body["metadata"]["namespace"], body["metadata"]["name"]))
             return

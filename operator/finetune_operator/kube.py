@@ -19,6 +19,7 @@ import kopf
 
 from . import metrics
 from .api import GROUP, PLURAL, VERSION
+from .config import OperatorConfig
 
 JOBS_PATH = f"/apis/{GROUP}/{VERSION}"
 
@@ -124,7 +125,7 @@ class ApiState:
 
 class KubeClient:
     def __init__(self, login: Callable[[], Awaitable[kopf.ConnectionInfo]] | kopf.ConnectionInfo,
-                 timeout: float = 30.0, connections: int = 48):
+                 timeout: float = 30.0, connections: int = OperatorConfig.api_connections):
         self._login = login
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None

@@ -61,7 +61,8 @@ class FleetCollector:
     def collect(self):
         jobs = GaugeMetricFamily(P + "jobs", "TrainingJobs by phase.", labels=["namespace", "phase"])
         oldest = GaugeMetricFamily(P + "oldest_queued_seconds",
-                                   "Seconds the oldest Queued job has waited (since its attempt started).", labels=["namespace"])
+                                   "Seconds the oldest Queued job has waited (since its attempt "
+                                   "started).", labels=["namespace"])
         stalled = GaugeMetricFamily(P + "stalled_jobs",
                                     "Running jobs whose trainer reported no step for longer than "
                                     "their stall timeout (1800 s when unset).", labels=["namespace"])

@@ -177,11 +177,10 @@ class Reconciler:
             while st.dirty:
                 st.dirty = False
                 which = "pod" if "pod" in st.triggers else sorted(st.triggers)[0]
-                timer = "timer" in st.triggers
                 st.triggers.clear()
                 with metrics.RECONCILE_SECONDS.labels(which).time():
                     try:
-                        await self.reconcile(key, "timer" if timer else which)
+                        await self.reconcile(key, which)
                     except Exception as exc:  # noqa: BLE001 - loud, counted, retried by the timer
                         metrics.RECONCILE_ERRORS.labels(which).inc()
                         log.error("reconcile %s/%s failed: %s", key[0], key[1], exc,
@@ -328,8 +327,8 @@ class Reconciler:
         return job
 
     async def _act(self, key: Key, job: dict, decision, obs: Observation) -> tuple[str, str] | None:
-        """Carry out the actions; returns ("rejected"|"conflict", detail) when the API server
-        refused the pod, so that the status can say so."""
+        """Carry out the actions; returns ("rejected"|"forbidden"|"conflict", detail) when the
+        API server refused the pod, so that the status can say so."""
         ns, name = key
         refused = None
         for action in decision.actions:
