@@ -443,7 +443,7 @@ def parse_args(argv=None):
                    help="the interpreter that runs the operator; `make bench` passes one from a "
                         "venv with only the operator's own dependencies, as in the image (the "
                         "dev venv's kubernetes client, which kopf imports when present, adds "
-                        "about 33 MiB of RSS)")
+                        "about 10 MiB of RSS)")
     p.add_argument("--state-dir", default=str(REPO / ".state"))
     p.add_argument("--json-out", help="JSON path (default .state/bench-<timestamp>.json)")
     return p.parse_args(argv)

@@ -90,6 +90,15 @@ class Kube:
     def get(self, path: str, **kw) -> dict:
         return self.request("GET", path, **kw)
 
+    def get_or_none(self, path: str, **kw) -> dict | None:
+        """The object, or None when it does not exist (404)."""
+        try:
+            return self.get(path, **kw)
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
     def watch(self, path: str, query: dict, timeout: float) -> Iterator[dict]:
         """Yields watch events ({type, object}) until the server ends the stream."""
         from kubernetes.watch.watch import iter_resp_lines

@@ -16,7 +16,7 @@ import requests
 
 from .cluster import REPO, ClusterConfig, LocalCluster
 from .jobs import Jobs
-from .kuberaw import ApiError, Kube
+from .kuberaw import Kube
 from .operator_proc import FAST_ARGS, OperatorProcess
 from .procs import wait_for
 
@@ -79,12 +79,7 @@ class ApiJobs(Jobs):
         self.kube = Kube(cluster.kubeconfig)
 
     def get(self, name: str) -> dict | None:
-        try:
-            return self.kube.get(f"/apis/finetune.dev/v1alpha1/namespaces/{self.ns}/trainingjobs/{name}")
-        except ApiError as exc:
-            if exc.not_found:
-                return None
-            raise
+        return self.kube.get_or_none(f"/apis/finetune.dev/v1alpha1/namespaces/{self.ns}/trainingjobs/{name}")
 
     def pods(self, name: str) -> list[dict]:
         return self.kube.get(f"/api/v1/namespaces/{self.ns}/pods",

@@ -60,13 +60,7 @@ def pod(name: str, code: str, *, claim: str | None = None, mount: str = "/checkp
 
 
 def get_pod(agent: LocalNode, ns: str, name: str) -> dict | None:
-    from finetune_testbed.kuberaw import ApiError
-    try:
-        return agent.kube.get(f"/api/v1/namespaces/{ns}/pods/{name}")
-    except ApiError as exc:
-        if exc.not_found:
-            return None
-        raise
+    return agent.kube.get_or_none(f"/api/v1/namespaces/{ns}/pods/{name}")
 
 
 def wait_phase(agent, ns, name, phases, timeout=60) -> dict:
