@@ -13,13 +13,35 @@ key() { cat "$here/build/$1/go.mod" "$here/build/$1/go.sum" | sha256sum | cut -c
 
 log() { printf '[build-binaries %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+heartbeat() {  # name, start, verbose log: packages compiled so far, elapsed time
+  local n sp
+  # The trap ends the pending sleep too, so no child keeps the caller's pipes open.
+  trap 'kill $sp 2>/dev/null; exit 0' TERM
+  while :; do
+    sleep "${PROGRESS_EVERY:-30}" & sp=$!; wait "$sp"
+    n=$(grep -c '^[^ ]*$' "$3" 2>/dev/null || true)
+    log "$1: still building, $((SECONDS - $2)) s elapsed, ${n:-0} packages compiled (last: $(tail -n1 "$3" 2>/dev/null))"
+  done
+}
+
 build_component() {  # name, output dir, packages...
   local name=$1 out=$2; shift 2
   if [ -f "$out/.complete" ]; then log "$name: cached in $out"; return; fi
-  log "$name: building (cold builds take minutes on 2 cores; go build prints nothing until done)"
-  local start=$SECONDS tmp="$out.tmp.$$"
+  log "$name: building (cold: minutes on 2 cores; progress every ${PROGRESS_EVERY:-30} s)"
+  local start=$SECONDS tmp="$out.tmp.$$" rc=0
   rm -rf "$tmp"; mkdir -p "$tmp"
-  (cd "$here/build/$name" && go build -trimpath -tags selinux,notest -ldflags "-s -w ${LDFLAGS_EXTRA:-}" -o "$tmp/" "$@")
+  # go build -v names each package as it compiles it; a heartbeat counts them so a
+  # cold Kubernetes build (about 14 minutes) is never silent.
+  local vlog="$tmp.build.log"; : > "$vlog"
+  heartbeat "$name" "$start" "$vlog" & local beat=$!
+  (cd "$here/build/$name" && go build -v -trimpath -tags selinux,notest \
+      -ldflags "-s -w ${LDFLAGS_EXTRA:-}" -o "$tmp/" "$@") 2>"$vlog" || rc=$?
+  kill "$beat" 2>/dev/null; wait "$beat" 2>/dev/null || true
+  if [ "$rc" != 0 ]; then
+    log "$name: go build failed (exit $rc); its last lines:"; grep -v '^[^ ]*$' "$vlog" | tail -40 >&2
+    exit "$rc"
+  fi
+  rm -f "$vlog"
   # go names a module's main package after its last path element ("server" for etcd).
   [ -f "$tmp/server" ] && mv "$tmp/server" "$tmp/etcd"
   touch "$tmp/.complete"

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import string
 import sys
 import time
 from pathlib import Path
+
+from finetune_operator import storage
 
 from .cluster import REPO, LocalCluster
 from .localnode import LocalNode
@@ -49,8 +50,8 @@ class Demo:
             f"scheduler, controller-manager, kwok with {self.cluster.config.gpu_nodes} GPU nodes")
         self.kubectl("apply", "-f", str(REPO / "crds"))
         self.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev")
-        # A fresh node directory: checkpoints of an earlier demo would make the job "done".
-        shutil.rmtree(self.state / "localnode", ignore_errors=True)
+        # No wipe of the node directory is needed: each job writes under its own uid
+        # (trainingjobs/<ns>/<name>/<uid>), so an earlier demo's checkpoints are never resumed.
         self.local = LocalNode(self.cluster.kubeconfig, gpus=1, extra_args=LOCAL_NODE_ARGS,
                                workdir=self.state / "localnode")
         self.local.start()
@@ -162,12 +163,17 @@ class Demo:
                          s.get("reason") or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        adapter = next(iter(self.local.pvc_dir(NS, "tiny-llama-ckpt").rglob("output/adapter_model.safetensors")), None)
+        adapter = None
+        real = (jobs.get(EVICTED) or {}).get("status") or {}
+        split = storage.split_claim_uri(real.get("outputPath") or "")
+        if split is not None:  # pvc://<claim>/<path> → the claim's directory on the local node
+            adapter = self.local.pvc_dir(NS, split[0]) / split[1] / "adapter_model.safetensors"
         lines += ["",
                   f"operator metrics:  {self.operator.metrics_url}  (finetune_operator_*)",
                   "trainer metrics:   podIP:9400/metrics while a trainer runs (finetune_trainer_*)",
                   f"trainer logs:      {self.local.workdir / 'logs'}",
-                  f"final adapter:     {adapter or '(none)'}"]
+                  f"final adapter:     {real.get('outputPath') or '(none)'}",
+                  f"  on this machine: {adapter if adapter is not None and adapter.exists() else '(none)'}"]
         return "\n".join(lines)
 
     def stop(self) -> None:

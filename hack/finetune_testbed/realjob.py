@@ -23,7 +23,7 @@ def prepare_assets(directory: Path) -> tuple[Path, Path]:
 
 def real_job(name: str, model: Path, dataset: Path, claim: str, *, max_steps: int = 40,
              every_steps: int = 5, step_delay: float = 0.25, node: str = "local-0",
-             run_policy: dict | None = None) -> dict:
+             run_policy: dict | None = None, env: dict[str, str] | None = None) -> dict:
     return {
         "apiVersion": "finetune.dev/v1alpha1", "kind": "TrainingJob",
         "metadata": {"name": name},
@@ -44,7 +44,8 @@ def real_job(name: str, model: Path, dataset: Path, claim: str, *, max_steps: in
                                  "effect": "NoSchedule"}],
                 # Slows the tiny model down so that a run can be watched and interrupted.
                 "env": [{"name": "FT_DEBUG_STEP_DELAY", "value": str(step_delay)},
-                        {"name": "OMP_NUM_THREADS", "value": "1"}],
+                        {"name": "OMP_NUM_THREADS", "value": "1"},
+                        *({"name": k, "value": v} for k, v in (env or {}).items())],
             },
         },
     }

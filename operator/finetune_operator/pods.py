@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from . import storage
 from .api.models import (
     API_VERSION,
     KIND,
@@ -71,13 +72,23 @@ def _env(trainer_env: dict[str, str], spec: TrainingJobSpec) -> list[dict[str, A
     return list(env.values())
 
 
-def _volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(spec: TrainingJobSpec, job_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The checkpoint claim mounted at mountPath, but only the job's own directory of it
+    (storage.job_directory), so no job reads or overwrites another's files; an explicit
+    resumeFrom checkpoint of the same claim is mounted read-only beside it."""
     checkpoint = spec.checkpoint
     source: dict[str, Any] = (
         {"persistentVolumeClaim": {"claimName": checkpoint.claim_name}} if checkpoint.claim_name else {"emptyDir": {}}
     )
     volumes = [{"name": CHECKPOINT_VOLUME, **source}]
-    mounts: list[dict[str, Any]] = [{"name": CHECKPOINT_VOLUME, "mountPath": checkpoint.mount_path}]
+    mount: dict[str, Any] = {"name": CHECKPOINT_VOLUME, "mountPath": checkpoint.mount_path}
+    if checkpoint.claim_name:
+        mount["subPath"] = job_dir
+    mounts: list[dict[str, Any]] = [mount]
+    resume = storage.split_claim_uri(checkpoint.resume_from) if checkpoint.resume_from else None
+    if resume is not None:
+        mounts.append({"name": CHECKPOINT_VOLUME, "mountPath": storage.RESUME_FROM_MOUNT_PATH,
+                       "subPath": resume[1], "readOnly": True})
     template = spec.template
     if template is not None:
         volumes += [copy.deepcopy(v) for v in template.volumes or []]
@@ -103,7 +114,7 @@ def build_pod(
     template_meta = template.metadata if template is not None and template.metadata is not None else None
     labels = {**(template_meta.labels if template_meta else {}), **pod_labels(job_name, attempt)}
     annotations = dict(template_meta.annotations) if template_meta else {}
-    volumes, mounts = _volumes(spec)
+    volumes, mounts = _volumes(spec, storage.job_directory(namespace, job_name, uid))
 
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,

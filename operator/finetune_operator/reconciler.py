@@ -251,7 +251,8 @@ class Reconciler:
         pods = tuple(p for p in (observe_pod(b) for b in bodies) if p is not None)
         return Observation(
             now=now, status=parse_status(job.get("status")), spec=spec, spec_error=spec_error,
-            job_name=meta["name"], generation=meta.get("generation"), pods=pods,
+            job_name=meta["name"], namespace=meta.get("namespace", ""), uid=meta.get("uid", ""),
+            generation=meta.get("generation"), pods=pods,
             unready_nodes=self._unready_nodes(pods), node_lost_after_seconds=self.config.node_lost_seconds,
             progress=sample, allow_privileged=self.config.allow_privileged_templates,
             creation_time=parse_time(meta.get("creationTimestamp")), create_error=create_error)

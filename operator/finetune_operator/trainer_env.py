@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import posixpath
 
-from finetune_trainer.contract import DEFAULT_METRICS_PORT, TrainerConfig
+from finetune_trainer.contract import DEFAULT_METRICS_PORT, TrainerConfig, stop_timeout_for_grace
 
+from . import storage
 from .api import TrainingJobSpec
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -16,8 +17,9 @@ def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
     return TrainerConfig(
         model=spec.model, dataset=spec.dataset.path, text_field=spec.dataset.text_field,
         prompt_field=spec.dataset.prompt_field, completion_field=spec.dataset.completion_field,
-        output_dir=posixpath.join(ckpt.mount_path, "output"),
-        checkpoint_dir=posixpath.join(ckpt.mount_path, "checkpoints"),
+        output_dir=posixpath.join(ckpt.mount_path, storage.OUTPUT_SUBDIR),
+        checkpoint_dir=posixpath.join(ckpt.mount_path, storage.CHECKPOINTS_SUBDIR),
+        resume_from=storage.RESUME_FROM_MOUNT_PATH if ckpt.resume_from else None,
         save_steps=ckpt.every_steps, save_total_limit=ckpt.keep,
         max_steps=hp.max_steps, epochs=hp.epochs, learning_rate=hp.learning_rate,
         batch_size=hp.batch_size, grad_accum=hp.gradient_accumulation_steps,
@@ -26,6 +28,7 @@ def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
         lora_target_modules=tuple(lora.target_modules),
         metrics_port=DEFAULT_METRICS_PORT, metrics_addr="0.0.0.0",
         termination_log=TERMINATION_LOG, nproc_per_node=max(1, spec.resources.gpus),
+        stop_timeout=stop_timeout_for_grace(spec.run_policy.termination_grace_period_seconds),
     )
 
 

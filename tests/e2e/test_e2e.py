@@ -47,16 +47,19 @@ def termination(jobs, pod_name) -> dict:
     return json.loads(term["message"])
 
 
-def trainer_process(pod_name: str) -> psutil.Process:
+def trainer_process(jobs, pod_name: str) -> psutil.Process:
+    """The pod's trainer process, from the container ID the node reports
+    (`localnode://<node>/<pid>`): the node's own record, not a scan of every process."""
     def find():
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if "finetune_trainer" in " ".join(proc.info["cmdline"] or []) and \
-                        proc.environ().get("HOSTNAME") == pod_name:
-                    return proc
-            except Exception:  # noqa: BLE001 - processes come and go while we scan
-                continue
-        return None
+        pods = [p for p in jobs.pods(pod_name.rsplit("-", 1)[0]) if p["metadata"]["name"] == pod_name]
+        statuses = (pods[0].get("status") or {}).get("containerStatuses") or [] if pods else []
+        if not statuses or "running" not in (statuses[0].get("state") or {}):
+            return None
+        pid = int(statuses[0]["containerID"].rsplit("/", 1)[1])
+        proc = psutil.Process(pid)
+        assert proc.environ().get("HOSTNAME") == pod_name, proc.environ().get("HOSTNAME")
+        assert "finetune_trainer" in " ".join(proc.cmdline()), proc.cmdline()
+        return proc
     return wait_for(find, 30, f"trainer process of {pod_name}")
 
 
@@ -99,7 +102,7 @@ def test_evicted_mid_run_resumes_from_its_checkpoint(run, kube, api_client, name
 def test_sigkilled_trainer_resumes_from_last_saved_checkpoint(run, namespace):
     jobs = run("killed", max_steps=40)
     wait_step(jobs, "killed", 12)
-    trainer_process("killed-1").send_signal(signal.SIGKILL)
+    trainer_process(jobs, "killed-1").send_signal(signal.SIGKILL)
     status = jobs.wait_phase("killed", "Succeeded", 240)
     assert status["attempt"] == 2 and status["failures"] == 1
     assert status["lastInterruption"]["exitCode"] == 137
@@ -111,7 +114,7 @@ def test_frozen_trainer_is_detected_as_stalled_and_restarted(run, namespace):
     jobs = run("frozen", max_steps=60, run_policy={"stallTimeoutSeconds": 8,
                                                     "terminationGracePeriodSeconds": 3})
     wait_step(jobs, "frozen", 12)
-    proc = trainer_process("frozen-1")
+    proc = trainer_process(jobs, "frozen-1")
     proc.send_signal(signal.SIGSTOP)
     try:
         status = jobs.wait("frozen", lambda s: s.get("attempt") == 2, 120, "restart after stall")
@@ -124,3 +127,59 @@ def test_frozen_trainer_is_detected_as_stalled_and_restarted(run, namespace):
     status = jobs.wait_phase("frozen", "Succeeded", 240)
     assert status["resumes"] == 1 and status["failures"] == 0
     assert termination(jobs, "frozen-2")["resumedFrom"] >= 10
+
+
+def _local_dir(local_node, namespace, uri: str):
+    """pvc://<claim>/<path> → that directory of the claim on the local node."""
+    from finetune_operator import storage
+
+    claim, path = storage.split_claim_uri(uri)
+    return local_node.pvc_dir(namespace, claim) / path
+
+
+def test_jobs_sharing_a_claim_keep_their_own_files_and_start_only_from_what_they_name(
+        cluster, namespace, live_operator, local_node, assets):
+    """Two jobs on one claim both succeed with separate adapters and neither resumes the
+    other; a job deleted and re-created under the same name starts from step 0; a job that
+    names an earlier run's checkpoint in checkpoint.resumeFrom starts from exactly that."""
+    jobs = Jobs(cluster, namespace)
+    local_node.create_pvc(namespace, "team-ckpt")
+
+    def job(name, **checkpoint):
+        manifest = real_job(name, *assets, claim="team-ckpt", max_steps=10, step_delay=0.1)
+        manifest["spec"]["checkpoint"].update(checkpoint)
+        return manifest
+
+    jobs.apply(job("share-a"))
+    jobs.apply(job("share-b"))
+    first = {n: jobs.wait_phase(n, "Succeeded", 240) for n in ("share-a", "share-b")}
+    assert first["share-a"]["outputPath"] != first["share-b"]["outputPath"]
+    for name, status in first.items():
+        assert termination(jobs, f"{name}-1")["resumedFrom"] is None, name  # neither resumed the other
+        assert (_local_dir(local_node, namespace, status["outputPath"]) / "adapter_model.safetensors").is_file()
+        assert f"adapter in {status['outputPath']}" in status["message"]
+        assert status["checkpoint"]["step"] == 10
+
+    uid_before = jobs.get("share-a")["metadata"]["uid"]
+    cluster.kubectl("delete", "tj", "share-a", "-n", namespace, "--wait=true")
+    jobs.apply(job("share-a"))
+    again = jobs.wait_phase("share-a", "Succeeded", 240)
+    assert uid_before not in again["outputPath"] and again["outputPath"] != first["share-a"]["outputPath"]
+    assert termination(jobs, "share-a-1")["resumedFrom"] is None  # not its predecessor's step 10
+
+    start = first["share-b"]["checkpointPath"] + "/checkpoint-10"
+    longer = job("share-c", resumeFrom=start)
+    longer["spec"]["hyperparameters"]["maxSteps"] = 14
+    jobs.apply(longer)
+    status = jobs.wait_phase("share-c", "Succeeded", 240)
+    msg = termination(jobs, "share-c-1")
+    assert (msg["resumedFrom"], msg["step"]) == (10, 14)
+    assert status["attempt"] == 1 and status["resumes"] == 0
+
+
+def test_slow_model_load_is_not_a_stall(run, namespace):
+    """Loading takes longer than stallTimeoutSeconds: the stall clock starts at the first step."""
+    jobs = run("slowload", max_steps=8, run_policy={"stallTimeoutSeconds": 3},
+               env={"FT_DEBUG_LOAD_DELAY": "10"})
+    status = jobs.wait_phase("slowload", "Succeeded", 240)
+    assert (status["attempt"], status["resumes"], status["failures"]) == (1, 0, 0), status

@@ -44,7 +44,8 @@ OUTCOMES: Counter = Counter()
 # path -> the kind of value the schema expects there
 SPEC_FIELDS = {
     ("image",): "str", ("model",): "str", ("dataset",): "obj", ("dataset", "path"): "str",
-    ("dataset", "textField"): "str", ("dataset", "promptField"): "str", ("method",): "str",
+    ("dataset", "textField"): "str", ("dataset", "promptField"): "str",
+    ("dataset", "completionField"): "str", ("method",): "str",
     ("lora",): "obj", ("lora", "r"): "int", ("lora", "alpha"): "int", ("lora", "dropout"): "float",
     ("lora", "targetModules"): "strlist", ("hyperparameters",): "obj",
     ("hyperparameters", "maxSteps"): "int", ("hyperparameters", "epochs"): "float",
@@ -53,6 +54,8 @@ SPEC_FIELDS = {
     ("resources", "gpus"): "int", ("resources", "cpu"): "quantity", ("resources", "memory"): "quantity",
     ("workers",): "int", ("checkpoint", "claimName"): "str", ("checkpoint", "mountPath"): "str",
     ("checkpoint", "everySteps"): "int", ("checkpoint", "keep"): "int",
+    ("checkpoint", "resumeFrom"): "resume", ("runPolicy", "stallTimeoutSeconds"): "int",
+    ("runPolicy", "firstStepTimeoutSeconds"): "int",
     ("runPolicy", "backoffLimit"): "int", ("runPolicy", "maxResumes"): "int",
     ("runPolicy", "activeDeadlineSeconds"): "int", ("runPolicy", "backoffSeconds"): "int",
     ("runPolicy", "maxBackoffSeconds"): "int", ("runPolicy", "startTimeoutSeconds"): "int",
@@ -106,6 +109,9 @@ TYPED = {
                                                     {"type": st.sampled_from(["DisruptionTarget", ""])}), max_size=2)}),
                       max_size=2),
     "obj": anything,
+    "resume": st.one_of(st.sampled_from(["pvc://ckpt/trainingjobs/ns/old/u/checkpoints/checkpoint-5",
+                                         "pvc://other/x", "pvc://ckpt/a/../b", "/abs", "pvc://", ""]),
+                        st.text(max_size=12)),
 }
 
 

@@ -59,6 +59,7 @@ def test_full_round_trip_and_env_names():
         metrics_addr="127.0.0.1",
         termination_log="/tmp/tl",
         nproc_per_node=4,
+        stop_timeout=50,
     )
     env = cfg.to_env()
     assert env["FT_LORA_TARGET_MODULES"] == "q_proj,k_proj,v_proj,o_proj"
@@ -69,7 +70,7 @@ def test_full_round_trip_and_env_names():
         "FT_OUTPUT_DIR", "FT_CHECKPOINT_DIR", "FT_SAVE_STEPS", "FT_SAVE_TOTAL_LIMIT", "FT_MAX_STEPS",
         "FT_EPOCHS", "FT_LEARNING_RATE", "FT_BATCH_SIZE", "FT_GRAD_ACCUM", "FT_SEQ_LEN", "FT_SEED",
         "FT_LORA_R", "FT_LORA_ALPHA", "FT_LORA_DROPOUT", "FT_LORA_TARGET_MODULES", "FT_METRICS_PORT",
-        "FT_METRICS_ADDR", "FT_TERMINATION_LOG", "FT_NPROC_PER_NODE",
+        "FT_METRICS_ADDR", "FT_TERMINATION_LOG", "FT_NPROC_PER_NODE", "FT_STOP_TIMEOUT_SECONDS",
     }  # fmt: skip
     assert set(env) == contract_names
     assert all(isinstance(v, str) for v in env.values())
@@ -214,9 +215,18 @@ _name = st.text(alphabet=st.characters(whitelist_categories=("L", "N"), whitelis
         metrics_addr=st.sampled_from(["0.0.0.0", "127.0.0.1", "::"]),
         termination_log=_name,
         nproc_per_node=st.integers(0, 64),
+        stop_timeout=st.integers(1, 86_400),
     )
 )
 def test_round_trip_property(cfg):
     env = cfg.to_env()
     assert all(k.startswith("FT_") and isinstance(v, str) for k, v in env.items())
     assert c.TrainerConfig.from_env(env) == cfg
+
+
+@given(st.integers(0, 86_400))
+def test_stop_timeout_leaves_a_margin_below_the_grace_period(grace):
+    t = c.stop_timeout_for_grace(grace)
+    assert t >= 1
+    if grace >= 2:
+        assert t < grace and grace - t <= 10

@@ -331,3 +331,33 @@ def test_torchrun_sigterm_exits_143_with_checkpoint(trainer_env):
     assert _complete(ckpt) and (ckpt / "rng_state_1.pth").is_file()
     assert "Traceback" not in run.output()
     assert os.path.basename(ckpt) == f"checkpoint-{step}"
+
+
+def test_torchrun_workers_die_with_their_launcher(trainer_env):
+    """SIGKILL to the launcher alone (a container's PID 1 killed, a test giving up): no worker
+    lives on as an orphan holding CPU and memory."""
+    import psutil
+
+    env = trainer_env(max_steps=500, save_steps=1000, nproc_per_node=2)
+    run = TrainerRun(Path(env[c.ENV_OUTPUT_DIR]).parent, {**env, c.ENV_DEBUG_STEP_DELAY: "0.05"})
+    wait_until(lambda: run.last_step() >= 1, 180, "step 1", proc=run)
+    workers = [p for p in run.workers() if "finetune_trainer" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in run.workers()]
+    os.kill(run.popen.pid, signal.SIGKILL)
+    run.popen.wait(10)
+
+    def alive():
+        out = []
+        for p in workers:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    try:
+        wait_until(lambda: not alive(), 20, "the workers to exit after their launcher died")
+    finally:
+        for p in alive():  # never leave an orphan behind, even when the test fails
+            p.kill()

@@ -108,3 +108,75 @@ def test_bad_values_exit_78_before_anything_else(setup):
     assert worker.run(cfg.replace(batch_size=0, lora_dropout=2.0)) == 78
     m = message()["message"]
     assert "FT_BATCH_SIZE must be >= 1" in m and "FT_LORA_DROPOUT" in m
+
+
+_HANGS_AFTER_STOP = r"""
+import signal, sys, threading, types
+import finetune_trainer
+from finetune_trainer import contract as c, worker
+
+def train(cfg, model_path, examples, stopper, report, metrics):
+    report.step = 7
+    stopper.training_started = True
+    signal.raise_signal(signal.SIGTERM)  # a stop during training: only a flag
+    threading.Event().wait()  # then a collective whose peer is gone never returns
+
+fake = types.ModuleType("finetune_trainer.training")
+fake.train = train
+sys.modules["finetune_trainer.training"] = fake
+finetune_trainer.training = fake
+sys.exit(worker.run(c.TrainerConfig.from_env()))
+"""
+
+
+def test_stop_deadline_ends_a_hung_shutdown_with_143_and_the_checkpoint(tmp_path):
+    """SIGTERM, then something blocks forever: the process still exits 143 on its own within
+    FT_STOP_TIMEOUT_SECONDS, says where it hung and reports the latest complete checkpoint."""
+    import os
+    import subprocess
+    import time
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-6"
+    ckpt.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt"):
+        (ckpt / name).write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_") and k not in ("RANK", "LOCAL_RANK")}
+    env.update({
+        c.ENV_MODEL: str(model), c.ENV_DATASET: str(data), c.ENV_OUTPUT_DIR: str(tmp_path / "out"),
+        c.ENV_TERMINATION_LOG: str(tmp_path / "tl"), c.ENV_METRICS_PORT: "0",
+        c.ENV_METRICS_ADDR: "127.0.0.1", c.ENV_STOP_TIMEOUT: "2",
+    })  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _HANGS_AFTER_STOP], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    took = time.monotonic() - started
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    assert took < 30, took
+    assert "still running 2s after the stop request" in proc.stdout + proc.stderr
+    assert "threading.py" in proc.stderr  # the stacks say where it hung
+    msg = c.parse_termination_message((tmp_path / "tl").read_text())
+    assert msg["outcome"] == "preempted" and "did not finish within 2s" in msg["message"]
+    assert msg["checkpoint"] == str(ckpt) and msg["checkpointStep"] == 6 and msg["step"] == 7
+
+
+def test_stop_deadline_is_cancelled_when_the_run_returns(setup):
+    """In-process callers live on after run(): an armed deadline must not end them later."""
+    cfg, install, message = setup
+    armed = []
+
+    def preempt(cfg, model_path, examples, stopper, report, metrics):
+        stopper.request(signal.SIGTERM)
+        armed.append(stopper.deadline._thread)
+        return c.OUTCOME_PREEMPTED, "stopped"
+
+    install(preempt)
+    assert worker.run(cfg.replace(stop_timeout=60)) == 143
+    (thread,) = armed
+    thread.join(timeout=5)  # cancelled: it returns at once instead of ending the process at 60 s
+    assert not thread.is_alive()
+    assert message()["outcome"] == "preempted"

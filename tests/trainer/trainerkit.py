@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from finetune_trainer import contract as c
@@ -70,11 +71,25 @@ class TrainerRun:
         return rc
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """The launcher's group and every descendant: torchrun starts its workers in
+        sessions of their own, out of reach of the group kill."""
         if self.popen.poll() is None:
+            try:
+                for child in psutil.Process(self.popen.pid).children(recursive=True):
+                    child.send_signal(sig)
+            except psutil.Error:
+                pass
             try:
                 os.killpg(self.popen.pid, sig)
             except ProcessLookupError:
                 pass
+
+    def workers(self) -> list[psutil.Process]:
+        """The launcher's child processes (torchrun workers), while it runs."""
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.Error:
+            return []
 
     def signal(self, sig: int) -> None:
         self.popen.send_signal(sig)

@@ -363,3 +363,32 @@ def test_queued_attempt_whose_pod_is_not_seen_is_created_again_without_counting(
     assert d.status == queued.model_copy(update={"conditions": d.status.conditions})
     assert d.creates == (CreatePod(1),)
     assert (d.status.failures, d.status.resumes) == (0, 0)
+
+
+# --- model loading is not a stall; the first-step budget ------------------------------------
+def test_loading_trainer_is_not_stalled_however_long_it_takes():
+    spec = make_spec(runPolicy={"stallTimeoutSeconds": 5})
+    loading = ProgressSample(step=0, loading=True)
+    status = running_job(spec, sample=loading)
+    d = step(status, [running_pod(1)], now=at(3_600), spec=spec, progress=loading)
+    assert d.status.phase == "Running" and d.requeue_after is None
+
+
+def test_first_step_budget_restarts_a_trainer_that_never_steps():
+    spec = make_spec(runPolicy={"stallTimeoutSeconds": 5, "firstStepTimeoutSeconds": 600})
+    loading = ProgressSample(step=0, loading=True)
+    status = running_job(spec, sample=loading)
+    still = step(status, [running_pod(1)], now=at(599), spec=spec, progress=loading)
+    assert still.status.phase == "Running" and still.requeue_after == pytest.approx(1)
+    d = step(status, [running_pod(1)], now=at(600), spec=spec, progress=loading)
+    assert (d.status.phase, d.status.reason) == ("Resuming", "Stalled")
+    assert "runPolicy.firstStepTimeoutSeconds" in d.status.message
+
+
+def test_stall_clock_starts_at_the_first_step():
+    spec = make_spec(runPolicy={"stallTimeoutSeconds": 60})
+    stepping = ProgressSample(step=1, heartbeat_time=at(500))  # loading took 500 s
+    status = running_job(spec, sample=ProgressSample(step=0, loading=True))
+    d = step(status, [running_pod(1)], now=at(520), spec=spec, progress=stepping)
+    # counted from the first step seen (520 s), not from the container start (0 s)
+    assert d.status.phase == "Running" and d.requeue_after == pytest.approx(60)

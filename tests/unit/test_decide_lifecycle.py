@@ -352,3 +352,44 @@ def test_pending_pod_after_start_is_queued_again_on_no_transition():
 
 def test_empty_status_model_is_a_new_job():
     assert step(TrainingJobStatus()).status.attempt == 1
+
+
+# --- where the job's files live; checkpoints followed while running; spec drift -------------
+def test_status_names_the_jobs_own_directories_and_success_says_where_the_adapter_is():
+    from jobkit import JOB, exited_pod
+
+    spec = make_spec(checkpoint={"claimName": "team"})
+    first = step(None, spec=spec, namespace="ns", uid="u-1").status
+    assert first.output_path == f"pvc://team/trainingjobs/ns/{JOB}/u-1/output"
+    assert first.checkpoint_path.endswith(f"/trainingjobs/ns/{JOB}/u-1/checkpoints")
+    done = step(first, [exited_pod(1, 0, report={"outcome": "completed", "step": 5})], now=at(9), spec=spec,
+                namespace="ns", uid="u-1").status
+    assert done.phase == "Succeeded" and f"adapter in {first.output_path}" in done.message
+
+
+def test_checkpoint_status_follows_the_running_trainer():
+    from finetune_operator.core.observation import ProgressSample
+    from jobkit import running_pod
+
+    spec = make_spec(checkpoint={"claimName": "team", "mountPath": "/ck"})
+    status = step(None, spec=spec).status
+    d = step(status, [running_pod(1)], now=at(5), spec=spec, progress=ProgressSample(step=120, last_checkpoint_step=100))
+    assert (d.status.checkpoint.step, d.status.checkpoint.path) == (100, "/ck/checkpoints/checkpoint-100")
+    later = step(d.status, [running_pod(1)], now=at(6), spec=spec, progress=ProgressSample(step=121, last_checkpoint_step=None))
+    assert later.status.checkpoint.step == 100  # never moves backwards or vanishes
+
+
+def test_a_run_definition_changed_behind_validation_fails_the_job_without_applying_it():
+    from jobkit import JOB, running_pod
+
+    spec = make_spec()
+    status = step(step(None, spec=spec).status, [running_pod(1)], now=at(1), spec=spec).status
+    assert status.phase == "Running" and status.run_fingerprint
+    edited = make_spec(model="/models/another")
+    d = step(status, [running_pod(1)], now=at(2), spec=edited)
+    assert (d.status.phase, d.status.reason) == ("Failed", "SpecChanged")
+    assert "create a new TrainingJob" in d.status.message
+    assert not any(isinstance(a, CreatePod) for a in d.actions)
+    assert any(isinstance(a, DeletePod) and a.name == f"{JOB}-1" for a in d.actions)
+    still = step(status, [running_pod(1)], now=at(2), spec=make_spec(suspend=False, runPolicy={"backoffLimit": 7}))
+    assert still.status.phase == "Running"  # editable fields are no drift

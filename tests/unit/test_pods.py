@@ -58,10 +58,29 @@ def test_no_gpu_no_gpu_resource():
 def test_checkpoint_volume_pvc_or_empty_dir():
     with_pvc = _pod(checkpoint={"claimName": "ckpt", "mountPath": "/ck"})
     assert with_pvc["spec"]["volumes"][0] == {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}}
-    assert with_pvc["spec"]["containers"][0]["volumeMounts"][0] == {"name": "checkpoints", "mountPath": "/ck"}
+    # only the job's own directory of the claim: trainingjobs/<namespace>/<name>/<uid>
+    assert with_pvc["spec"]["containers"][0]["volumeMounts"] == [
+        {"name": "checkpoints", "mountPath": "/ck", "subPath": "trainingjobs/team-a/ft/uid-123"}
+    ]
     scratch = _pod()
     assert scratch["spec"]["volumes"][0] == {"name": "checkpoints", "emptyDir": {}}
-    assert scratch["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/checkpoints"
+    assert scratch["spec"]["containers"][0]["volumeMounts"] == [{"name": "checkpoints", "mountPath": "/checkpoints"}]
+
+
+def test_resume_from_mounts_the_named_checkpoint_read_only():
+    from finetune_operator.trainer_env import trainer_env
+
+    def pod_of(**extra):
+        spec = make_spec(**extra)
+        return build_pod("ft", "team-a", "uid-123", spec, 3, trainer_env=trainer_env(spec))
+
+    pod = pod_of(checkpoint={"claimName": "ckpt", "resumeFrom": "pvc://ckpt/trainingjobs/team-a/old/u1/checkpoints/checkpoint-40"})
+    mounts = pod["spec"]["containers"][0]["volumeMounts"]
+    assert mounts[1] == {"name": "checkpoints", "mountPath": "/resume-from", "readOnly": True,
+                         "subPath": "trainingjobs/team-a/old/u1/checkpoints/checkpoint-40"}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["FT_RESUME_FROM"] == "/resume-from"
+    assert "FT_RESUME_FROM" not in {e["name"] for e in pod_of(checkpoint={"claimName": "ckpt"})["spec"]["containers"][0]["env"]}
 
 
 def test_restricted_security_defaults():

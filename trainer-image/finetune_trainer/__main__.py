@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
+    from .launch import die_with_launcher, is_torchrun_worker
+
+    if is_torchrun_worker():
+        die_with_launcher()
     try:
         cfg = parse_config(argv)
     except c.ConfigError as e:

@@ -15,7 +15,9 @@ import re
 import shutil
 import stat
 
-CHECKPOINT_PREFIX = "checkpoint"
+from . import contract
+
+CHECKPOINT_PREFIX = contract.CHECKPOINT_PREFIX
 TRAINER_STATE_NAME = "trainer_state.json"
 INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
 # Incomplete checkpoints are renamed to this prefix: out of the way of the HF Trainer's
@@ -115,3 +117,23 @@ def make_world_readable(path: str, suffix: str = ".safetensors") -> int:
             except OSError:
                 pass
     return changed
+
+
+def explicit_start(path: str) -> Checkpoint:
+    """The checkpoint a run was asked to start from (FT_RESUME_FROM): it must be complete;
+    its step comes from its trainer state (the mount point's name carries none)."""
+    import json
+
+    if not os.path.isdir(path):
+        raise contract.ConfigError(f"resume-from checkpoint (spec.checkpoint.resumeFrom) not found: {path}")
+    if not is_complete(path):
+        raise contract.ConfigError(
+            f"resume-from checkpoint (spec.checkpoint.resumeFrom) is not a complete checkpoint: "
+            f"no {TRAINER_STATE_NAME} in {path} (name a checkpoint-<step> directory)"
+        )
+    try:
+        with open(os.path.join(path, TRAINER_STATE_NAME), encoding="utf-8") as fh:
+            step = int(json.load(fh).get("global_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise contract.ConfigError(f"resume-from checkpoint has an unreadable {TRAINER_STATE_NAME}: {e}") from None
+    return Checkpoint(path=path, step=step)

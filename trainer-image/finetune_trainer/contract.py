@@ -46,10 +46,25 @@ ENV_METRICS_PORT = "FT_METRICS_PORT"
 ENV_METRICS_ADDR = "FT_METRICS_ADDR"
 ENV_TERMINATION_LOG = "FT_TERMINATION_LOG"
 ENV_NPROC_PER_NODE = "FT_NPROC_PER_NODE"
+# A complete checkpoint of an earlier run to start from while the checkpoint directory has
+# none of this run's own (set only when the user asked for it: spec.checkpoint.resumeFrom).
+ENV_RESUME_FROM = "FT_RESUME_FROM"
+# Seconds between SIGTERM and the trainer's own exit (save, then stop); the operator sets it a
+# margin below the pod's terminationGracePeriodSeconds so the exit code and termination
+# message are the trainer's, never the kubelet's SIGKILL.
+ENV_STOP_TIMEOUT = "FT_STOP_TIMEOUT_SECONDS"
+
+# Between the torchrun launcher and its workers only (not set by the operator): the
+# launcher's pid (workers die with it) and a directory where every rank leaves its
+# termination message, so the launcher can report the rank that failed first.
+ENV_LAUNCHER_PID = "FT_LAUNCHER_PID"
+ENV_RANK_REPORT_DIR = "FT_RANK_REPORT_DIR"
 
 # Debug/test only (not part of the operator contract): sleep this many seconds after each
 # optimizer step, so tests can observe and interrupt a run of a tiny model.
 ENV_DEBUG_STEP_DELAY = "FT_DEBUG_STEP_DELAY"
+# Debug/test only: sleep this many seconds before loading the model (a big model's load).
+ENV_DEBUG_LOAD_DELAY = "FT_DEBUG_LOAD_DELAY"
 
 # --------------------------------------------------------------------------------------
 # Exit codes
@@ -108,8 +123,27 @@ METRIC_NAMES = (
 )
 DEFAULT_METRICS_PORT = 9400
 METRICS_PATH = "/metrics"
+# Checkpoints are directories named checkpoint-<step> under the checkpoint directory.
+CHECKPOINT_PREFIX = "checkpoint"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}-{step}"
+
+
 # Rank 0 writes the port it serves on here (useful with FT_METRICS_PORT=0).
 METRICS_PORT_FILE = "metrics-port"
+
+
+# SIGTERM → exit when FT_STOP_TIMEOUT_SECONDS is unset (a pod's default grace period is 30 s).
+DEFAULT_STOP_TIMEOUT_SECONDS = 25
+
+
+def stop_timeout_for_grace(grace_seconds: int) -> int:
+    """The trainer's stop deadline for a pod grace period: a margin (a quarter, 1 to 10 s)
+    below it, for the launcher to collect the workers and write the termination message."""
+    margin = max(1, min(10, grace_seconds // 4))
+    return max(1, grace_seconds - margin)
 
 
 class ConfigError(ValueError):
@@ -132,6 +166,7 @@ class TrainerConfig:
     ``checkpoint_dir`` defaults to ``<output_dir>/checkpoints``.
     ``save_total_limit`` 0 keeps every checkpoint.
     ``nproc_per_node`` 0 means "auto" (one process per visible GPU, at least one).
+    ``stop_timeout`` bounds SIGTERM → exit, whatever blocks (a collective, a hung peer).
     """
 
     model: str = _field(ENV_MODEL, "")
@@ -158,6 +193,8 @@ class TrainerConfig:
     metrics_addr: str = _field(ENV_METRICS_ADDR, "0.0.0.0")
     termination_log: str = _field(ENV_TERMINATION_LOG, DEFAULT_TERMINATION_LOG)
     nproc_per_node: int = _field(ENV_NPROC_PER_NODE, 1)
+    stop_timeout: int = _field(ENV_STOP_TIMEOUT, DEFAULT_STOP_TIMEOUT_SECONDS)
+    resume_from: str | None = _field(ENV_RESUME_FROM, None)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_target_modules, str):
@@ -223,6 +260,7 @@ class TrainerConfig:
             ("lora_alpha", 1),
             ("save_total_limit", 0),
             ("nproc_per_node", 0),
+            ("stop_timeout", 1),
         ):
             if getattr(self, name) < minimum:
                 p.append(f"{_env_of(name)} must be >= {minimum}, got {getattr(self, name)}")
@@ -271,6 +309,7 @@ _INT_FIELDS = {
     "lora_r",
     "lora_alpha",
     "metrics_port",
+    "stop_timeout",
 }
 _FLOAT_FIELDS = {"epochs", "learning_rate", "lora_dropout"}
 

@@ -12,8 +12,12 @@ endpoint runs ``--standalone`` (a free local port).
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import signal
 import sys
+import tempfile
 
 from . import checkpoints as ckpts
 from . import contract as c
@@ -73,6 +77,61 @@ def exit_code_for_failures(exitcodes: dict[int, int]) -> int:
     return c.EXIT_ERROR
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher(env=None) -> None:
+    """In a torchrun worker: SIGKILL when the launcher dies (torchrun starts workers in
+    their own sessions, so killing the launcher's process group leaves them behind)."""
+    env = os.environ if env is None else env
+    launcher = env.get(c.ENV_LAUNCHER_PID)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError) as e:
+        LOG.warning("cannot tie this worker to its launcher: %s", e)
+        return
+    if str(os.getppid()) != launcher:  # the launcher died before prctl took effect
+        os._exit(c.EXIT_ERROR)
+
+
+def rank_reports(directory: str) -> dict[int, dict]:
+    """rank -> termination message the rank left in ``directory``."""
+    out: dict[int, dict] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return out
+    for name in names:
+        if not (name.startswith("rank-") and name.endswith(".json")):
+            continue
+        try:
+            rank = int(name[len("rank-") : -len(".json")])
+        except ValueError:
+            continue
+        msg = c.parse_termination_message(_read(os.path.join(directory, name)) or "")
+        if msg is not None:
+            out[rank] = msg
+    return out
+
+
+def outcome_for_exit(rc: int) -> str:
+    if rc == c.EXIT_CONFIG_ERROR:
+        return c.OUTCOME_CONFIG_ERROR
+    return c.OUTCOME_PREEMPTED if rc > 128 else c.OUTCOME_ERROR
+
+
+def pick_report(rc: int, reports: dict[int, dict]) -> dict | None:
+    """The lowest rank's message whose outcome matches the launcher's exit code."""
+    want = outcome_for_exit(rc)
+    for rank in sorted(reports):
+        if reports[rank]["outcome"] == want:
+            return reports[rank]
+    return None
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -91,6 +150,8 @@ def precheck(cfg: c.TrainerConfig) -> None:
         raise c.ConfigError("; ".join(problems))
     dataset_files(cfg.dataset)
     check_model_path(cfg.model)
+    if cfg.resume_from:
+        ckpts.explicit_start(cfg.resume_from)
 
 
 def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
@@ -107,50 +168,81 @@ def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
     nproc = resolve_nproc(cfg)
     env = os.environ
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # Leave the workers time to save before the agent SIGKILLs them (default 30 s).
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "100")
+    # The workers end themselves FT_STOP_TIMEOUT_SECONDS after SIGTERM; the agent waits a
+    # little longer before its SIGKILL (its default, 30 s, can cut a save short).
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(cfg.stop_timeout + 5)
+    env[c.ENV_LAUNCHER_PID] = str(os.getpid())
+    report_dir = _report_dir()
+    if report_dir:
+        env[c.ENV_RANK_REPORT_DIR] = report_dir
     before = _read(cfg.termination_log)
     args = torchrun_args(nproc, argv, env)
     LOG.info("launching torchrun %s", " ".join(args))
+    try:
+        rc, detail = _run_agent(args)
+        if rc != 0:
+            _report_failure(cfg, rc, detail, before, rank_reports(report_dir) if report_dir else {})
+    finally:
+        if report_dir:
+            shutil.rmtree(report_dir, ignore_errors=True)
+    if rc != 0:
+        LOG.warning("torchrun finished with exit code %d (%s)", rc, detail)
+    return rc
 
+
+def _report_dir() -> str | None:
+    try:
+        return tempfile.mkdtemp(prefix="finetune-ranks-")
+    except OSError as e:  # e.g. no writable temporary directory: rank 0's message only
+        LOG.warning("no directory for the ranks' reports: %s", e)
+        return None
+
+
+def _run_agent(args: list[str]) -> tuple[int, str]:
+    """torchrun in this process → (exit code, one-line detail on failure)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    detail = ""
     try:
         torchrun_main(args)
-        rc = 0
+        return 0, ""
     except SignalException as e:
-        rc = 128 + int(e.sigval)
-        detail = f"launcher received {getattr(e.sigval, 'name', e.sigval)}"
+        return 128 + int(e.sigval), f"launcher received {getattr(e.sigval, 'name', e.sigval)}"
     except ChildFailedError as e:
         codes = {int(r): int(f.exitcode) for r, f in e.failures.items()}
-        rc = exit_code_for_failures(codes)
         detail = "workers failed: " + ", ".join(f"rank {r} exit {x}" for r, x in sorted(codes.items()))
+        return exit_code_for_failures(codes), detail
     except Exception as e:  # noqa: BLE001 - e.g. rendezvous errors
-        rc = c.EXIT_ERROR
-        detail = f"torchrun failed: {type(e).__name__}: {e}"
-    if rc != 0 and _read(cfg.termination_log) == before:
-        # rank 0 never wrote its message (it died, or never started): write one here.
-        outcome = {
-            c.EXIT_CONFIG_ERROR: c.OUTCOME_CONFIG_ERROR,
-        }.get(rc, c.OUTCOME_PREEMPTED if rc > 128 else c.OUTCOME_ERROR)
+        return c.EXIT_ERROR, f"torchrun failed: {type(e).__name__}: {e}"
+
+
+def _report_failure(cfg: c.TrainerConfig, rc: int, detail: str, before: str | None, reports: dict[int, dict]) -> None:
+    """Make the termination message agree with the exit code.
+
+    Kept: rank 0's own message when its outcome matches. Otherwise the first rank whose
+    outcome matches (a config error found by rank 1 while rank 0 was torn down), else a
+    message built here from the latest complete checkpoint.
+    """
+    now = _read(cfg.termination_log)
+    written = c.parse_termination_message(now or "") if now != before else None
+    want = outcome_for_exit(rc)
+    if written is not None and written["outcome"] == want:
+        return
+    chosen = pick_report(rc, reports)
+    if chosen is None:
         latest = ckpts.latest_complete_checkpoint(cfg.effective_checkpoint_dir)
-        c.write_termination_message(
-            cfg.termination_log,
-            c.termination_message(
-                outcome,
-                step=latest.step if latest else 0,
-                max_steps=cfg.max_steps,
-                checkpoint=latest.path if latest else None,
-                checkpoint_step=latest.step if latest else None,
-                message=detail or f"exit {rc}",
-            ),
+        chosen = c.termination_message(
+            want,
+            step=latest.step if latest else 0,
+            max_steps=cfg.max_steps,
+            checkpoint=latest.path if latest else None,
+            checkpoint_step=latest.step if latest else None,
+            message=detail or f"exit {rc}",
         )
-    if rc != 0:
-        LOG.warning("torchrun finished with exit code %d (%s)", rc, detail)
-    return rc
+    else:
+        LOG.info("reporting the failing rank's message: %s", chosen["message"])
+    c.write_termination_message(cfg.termination_log, chosen)
 
 
 def main(cfg: c.TrainerConfig, argv: list[str]) -> int:

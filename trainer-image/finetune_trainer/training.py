@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -183,8 +184,11 @@ def _load(cfg: c.TrainerConfig, model_path: str, dtype: torch.dtype):
     return tokenizer, model
 
 
-def _pick_resume_checkpoint(ckpt_dir: str, is_main: bool, report: Any) -> ckpts.Checkpoint | None:
-    """Rank 0 scans, quarantines half-written checkpoints, and broadcasts its choice."""
+def _pick_resume_checkpoint(
+    ckpt_dir: str, is_main: bool, report: Any, resume_from: str | None = None
+) -> ckpts.Checkpoint | None:
+    """Rank 0 scans, quarantines half-written checkpoints, and broadcasts its choice: the run's
+    own latest complete checkpoint, else the explicitly requested ``resume_from``."""
     choice: list[Any] = [None, []]
     if is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -198,7 +202,11 @@ def _pick_resume_checkpoint(ckpt_dir: str, is_main: bool, report: Any) -> ckpts.
             except OSError as e:
                 LOG.warning("skipping incomplete checkpoint %s (could not move it: %s)", name, e)
             skipped.append(name)
-        choice = [found.latest, skipped]
+        latest = found.latest
+        if latest is None and resume_from:
+            latest = ckpts.explicit_start(resume_from)
+            LOG.info("no checkpoint of this run yet: starting from %s (step %d), as asked", resume_from, latest.step)
+        choice = [latest, skipped]
     if _distributed():
         torch.distributed.broadcast_object_list(choice, src=0)
     latest, report.skipped = choice[0], choice[1]
@@ -260,6 +268,9 @@ def train(
             len(examples),
         )
 
+    load_delay = float(os.environ.get(c.ENV_DEBUG_LOAD_DELAY, "0") or 0)
+    if load_delay > 0:
+        time.sleep(load_delay)  # stands in for a model that takes long to download and load
     tokenizer, model = _load(cfg, model_path, dtype)
     features = tokenize_examples(tokenizer, examples, cfg.seq_len)
     _check_target_modules(model, cfg.lora_target_modules)
@@ -293,7 +304,7 @@ def train(
             cfg.seq_len,
         )
 
-    resume = _pick_resume_checkpoint(ckpt_dir, is_main, report)
+    resume = _pick_resume_checkpoint(ckpt_dir, is_main, report, cfg.resume_from)
     if resume is not None:
         report.resumed_from = resume.step
         report.step = resume.step
@@ -416,10 +427,25 @@ def _publish_adapter(checkpoint: str, output_dir: str) -> None:
         os.replace(tmp, os.path.join(output_dir, name))
 
 
+# A rank that is gone must not hold the others in the teardown barrier for the process
+# group's 30-minute timeout: wait this long, then leave without it (the process ends next).
+TEARDOWN_TIMEOUT_SECONDS = 20.0
+
+
 def _teardown() -> None:
-    if _distributed():
+    if not _distributed():
+        return
+    done = threading.Event()
+
+    def barrier_then_destroy() -> None:
         try:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         except Exception as e:  # noqa: BLE001
             LOG.warning("process group teardown: %s", e)
+        finally:
+            done.set()
+
+    threading.Thread(target=barrier_then_destroy, name="pg-teardown", daemon=True).start()
+    if not done.wait(TEARDOWN_TIMEOUT_SECONDS):
+        LOG.warning("process group teardown did not finish within %.0fs: leaving without it", TEARDOWN_TIMEOUT_SECONDS)

@@ -7,8 +7,10 @@ Only global rank 0 serves metrics and writes the termination message and checkpo
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
+import sys
 import threading
 import traceback
 from typing import Any
@@ -37,10 +39,12 @@ class StopSignal:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: StopDeadline | None = None) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
         self.training_started = False
+        self.concluding = False  # an outcome is being reported: a signal only sets the flag
+        self.deadline = deadline
         self._previous: dict[int, Any] = {}
 
     def install(self) -> bool:
@@ -62,13 +66,15 @@ class StopSignal:
     def _handle(self, signum: int, _frame: Any) -> None:
         first = not self.event.is_set()
         self.request(signum)
-        if first and not self.training_started:
+        if first and not self.training_started and not self.concluding:
             raise PreemptedBeforeTraining(signal.Signals(signum).name)
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         if self.signum is None:
             self.signum = signum
         self.event.set()
+        if self.deadline is not None:
+            self.deadline.arm(self.exit_code)
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -76,6 +82,51 @@ class StopSignal:
     @property
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGTERM)
+
+
+class StopDeadline:
+    """Once a stop is requested, the process exits within ``seconds`` whatever blocks it.
+
+    A collective whose peer is gone, a wedged process-group teardown or a slow save must
+    not turn SIGTERM into the kubelet's SIGKILL (exit 137, no termination message). A
+    daemon thread waits; on expiry it dumps every thread's stack (where it hung), has
+    ``on_expiry`` write the termination message, and ends the process with ``os._exit``.
+    """
+
+    def __init__(self, seconds: float, on_expiry: Any) -> None:
+        self.seconds = seconds
+        self.on_expiry = on_expiry
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+
+    def arm(self, exit_code: int) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, args=(exit_code,), name="stop-deadline", daemon=True
+            )
+            self._thread.start()
+
+    def cancel(self) -> None:
+        """The run returned on its own (in-process callers live on after it)."""
+        self._cancelled.set()
+
+    def _run(self, exit_code: int) -> None:
+        if self._cancelled.wait(self.seconds):
+            return
+        LOG.error("still running %.0fs after the stop request: exiting now; thread stacks follow", self.seconds)
+        try:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            self.on_expiry(self.seconds)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001
+                    pass
+            os._exit(exit_code)
 
 
 class Report:
@@ -92,6 +143,7 @@ class Report:
         self.resumed_from: int | None = None
         self.skipped: list[str] = []
         self.written: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # the stop deadline may finish from its own thread
 
     def refresh_checkpoint(self) -> None:
         """Latest complete checkpoint on disk (cheap; rank 0 only)."""
@@ -115,12 +167,36 @@ class Report:
             resumed_from=self.resumed_from,
             message=message,
         )
-        self.written = msg
-        if self.enabled:
-            if not c.write_termination_message(self.cfg.termination_log, msg):
-                LOG.warning("could not write the termination message to %s", self.cfg.termination_log)
+        with self._lock:
+            if self.written is not None:
+                return self.written  # first writer wins: the deadline or the normal exit
+            self.written = msg
+            if self.enabled:
+                if not c.write_termination_message(self.cfg.termination_log, msg):
+                    LOG.warning("could not write the termination message to %s", self.cfg.termination_log)
+            write_rank_report(msg)
         return msg
 
+    def finish_after_deadline(self, seconds: float) -> None:
+        """Termination message when the stop deadline expires: the latest complete
+        checkpoint is what the next attempt resumes from."""
+        self.refresh_checkpoint()
+        if self.checkpoint_step is not None:
+            self.step = max(self.step, self.checkpoint_step)
+        where = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint yet"
+        self.finish(c.OUTCOME_PREEMPTED, f"stopped by signal; shutdown did not finish within {seconds:.0f}s; {where}")
+
+
+def write_rank_report(msg: dict[str, Any]) -> None:
+    """Under torchrun every rank leaves its message for the launcher (ENV_RANK_REPORT_DIR)."""
+    directory = os.environ.get(c.ENV_RANK_REPORT_DIR)
+    if not directory:
+        return
+    try:
+        with open(os.path.join(directory, f"rank-{env_rank()}.json"), "w", encoding="utf-8") as fh:
+            fh.write(c.encode_termination_message(msg))
+    except OSError as e:
+        LOG.warning("could not leave this rank's report in %s: %s", directory, e)
 
 def check_model_path(model: str) -> str:
     """Resolve a local model directory to an absolute path (pitfall 4), else keep the hub id.
@@ -160,56 +236,80 @@ def run(cfg: c.TrainerConfig) -> int:
     rank = env_rank()
     setup_logging(rank)
     report = Report(cfg, enabled=(rank == 0))
-    stopper = StopSignal()
+    deadline = StopDeadline(cfg.stop_timeout, report.finish_after_deadline)
+    stopper = StopSignal(deadline)
     stopper.install()
-    metrics = None
+    started_metrics: list = []  # _attempt appends the metrics server it starts
     try:
-        try:
-            problems = cfg.problems()
-            if problems:
-                raise c.ConfigError("; ".join(problems))
-            from . import data
-
-            examples = data.load_examples(cfg)
-            model_path = check_model_path(cfg.model)
-            if rank == 0:
-                check_writable_dir(cfg.output_dir, "output directory")
-                check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
-                from .metrics import TrainerMetrics
-
-                metrics = TrainerMetrics()
-                if cfg.max_steps:
-                    metrics.total_steps.set(cfg.max_steps)
-                port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.output_dir)
-                LOG.info("metrics on http://%s:%d%s", cfg.metrics_addr, port, c.METRICS_PATH)
-            from . import training
-
-            outcome, message = training.train(cfg, model_path, examples, stopper, report, metrics)
-        except c.ConfigError as e:
-            reason = c.one_line(str(e))
-            LOG.error("configuration error: %s", reason)
-            report.finish(c.OUTCOME_CONFIG_ERROR, reason)
-            return c.EXIT_CONFIG_ERROR
-        except PreemptedBeforeTraining as e:
-            report.refresh_checkpoint()
-            if report.checkpoint_step is not None:
-                report.step = max(report.step, report.checkpoint_step)
-            msg = f"stopped by {e} before training started; nothing new to save"
-            LOG.warning(msg)
-            report.finish(c.OUTCOME_PREEMPTED, msg)
+        return _attempt(cfg, rank, report, stopper, started_metrics)
+    except PreemptedBeforeTraining as e:
+        # The signal came while an outcome was being reported (a peer rank failed and torchrun
+        # stopped this one): an outcome already written stands; otherwise it is a stop.
+        written = report.written or report.finish(
+            c.OUTCOME_PREEMPTED, f"stopped by {e} before training started; nothing new to save"
+        )
+        if written["outcome"] == c.OUTCOME_PREEMPTED:
             return stopper.exit_code
-        except Exception as e:  # noqa: BLE001 - every failure must leave a termination message
-            traceback.print_exc()
-            report.refresh_checkpoint()
-            msg = f"{type(e).__name__}: {e}"
-            LOG.error("training failed: %s", c.one_line(msg))
-            report.finish(c.OUTCOME_ERROR, msg)
-            return c.EXIT_ERROR
-        report.finish(outcome, message)
-        if rank == 0:
-            LOG.info("%s: %s", outcome, message)
-        return c.OUTCOME_EXIT_CODES[outcome] if outcome != c.OUTCOME_PREEMPTED else stopper.exit_code
+        return c.OUTCOME_EXIT_CODES[written["outcome"]]
     finally:
         stopper.uninstall()
-        if metrics is not None:
+        for metrics in started_metrics:
             metrics.close(wait=False)
+        deadline.cancel()
+
+
+def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSignal, started_metrics: list) -> int:
+    """Checks, then training; reports the outcome and returns the exit code."""
+    metrics = None
+    try:
+        problems = cfg.problems()
+        if problems:
+            raise c.ConfigError("; ".join(problems))
+        from . import data
+
+        examples = data.load_examples(cfg)
+        model_path = check_model_path(cfg.model)
+        if cfg.resume_from:
+            ckpts.explicit_start(cfg.resume_from)
+        if rank == 0:
+            check_writable_dir(cfg.output_dir, "output directory")
+            check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
+            from .metrics import TrainerMetrics
+
+            metrics = TrainerMetrics()
+            started_metrics.append(metrics)
+            if cfg.max_steps:
+                metrics.total_steps.set(cfg.max_steps)
+            port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.output_dir)
+            LOG.info("metrics on http://%s:%d%s", cfg.metrics_addr, port, c.METRICS_PATH)
+        from . import training
+
+        outcome, message = training.train(cfg, model_path, examples, stopper, report, metrics)
+    except c.ConfigError as e:
+        stopper.concluding = True  # a SIGTERM from here on must not replace this outcome
+        reason = c.one_line(str(e))
+        LOG.error("configuration error: %s", reason)
+        report.finish(c.OUTCOME_CONFIG_ERROR, reason)
+        return c.EXIT_CONFIG_ERROR
+    except PreemptedBeforeTraining as e:
+        stopper.concluding = True
+        report.refresh_checkpoint()
+        if report.checkpoint_step is not None:
+            report.step = max(report.step, report.checkpoint_step)
+        msg = f"stopped by {e} before training started; nothing new to save"
+        LOG.warning(msg)
+        report.finish(c.OUTCOME_PREEMPTED, msg)
+        return stopper.exit_code
+    except Exception as e:  # noqa: BLE001 - every failure must leave a termination message
+        stopper.concluding = True
+        traceback.print_exc()
+        report.refresh_checkpoint()
+        msg = f"{type(e).__name__}: {e}"
+        LOG.error("training failed: %s", c.one_line(msg))
+        report.finish(c.OUTCOME_ERROR, msg)
+        return c.EXIT_ERROR
+    stopper.concluding = True
+    report.finish(outcome, message)
+    if rank == 0:
+        LOG.info("%s: %s", outcome, message)
+    return c.OUTCOME_EXIT_CODES[outcome] if outcome != c.OUTCOME_PREEMPTED else stopper.exit_code

@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from .models import (
+    RUN_CHECKPOINT_FIELDS,
+    RUN_FIELDS,
     API_VERSION,
     CATEGORIES,
     GROUP,
@@ -37,6 +39,9 @@ CRD_FILENAME = f"{GROUP}_{PLURAL}.yaml"
 
 # JSON Schema keywords the apiserver's JSONSchemaProps does not know, or that we never want.
 _DROPPED_KEYS = {"title", "const", "$defs", "examples", "discriminator"}
+
+# Fields that define a run can only be set at creation, like a Job's pod template.
+_IMMUTABLE_HINT = "it defines the run; create a new TrainingJob (checkpoint.resumeFrom can start it from this one's checkpoint)"
 
 # CEL rules, keyed by the path of the node they sit on ("" = spec, "[]" = list items).
 # Each message is what `kubectl apply` prints; keep them actionable.
@@ -63,6 +68,28 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             "message": "runPolicy.maxBackoffSeconds must be greater than or equal to runPolicy.backoffSeconds",
         }
     ],
+    "dataset": [
+        {
+            "rule": "has(self.promptField) == has(self.completionField)",
+            "message": "dataset.promptField and dataset.completionField must be set together "
+            "(or neither, to train on dataset.textField)",
+        }
+    ],
+    "checkpoint": [
+        {
+            "rule": "!has(self.resumeFrom) || (has(self.claimName) "
+            "&& self.resumeFrom.startsWith('pvc://' + self.claimName + '/'))",
+            "message": "checkpoint.resumeFrom must be a path on the job's own claim: pvc://<checkpoint.claimName>/<path>",
+        },
+        *[
+            {
+                "rule": f"has(self.{field}) == has(oldSelf.{field}) "
+                f"&& (!has(self.{field}) || self.{field} == oldSelf.{field})",
+                "message": f"checkpoint.{field} is immutable: {_IMMUTABLE_HINT}",
+            }
+            for field in RUN_CHECKPOINT_FIELDS
+        ],
+    ],
     "failurePolicy.rules[]": [
         {
             "rule": "has(self.onExitCodes) != has(self.onPodConditions)",
@@ -70,6 +97,11 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
         }
     ],
 }
+
+for _field in RUN_FIELDS:  # transition rules: checked on updates only
+    SPEC_RULES.setdefault(_field, []).append(
+        {"rule": "self == oldSelf", "message": f"{_field} is immutable: {_IMMUTABLE_HINT}"}
+    )
 
 ROOT_RULES = [
     {

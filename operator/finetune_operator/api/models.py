@@ -46,6 +46,12 @@ METRICS_PORT = 9400
 # Job names become a pod label value, which Kubernetes caps at 63 characters.
 MAX_JOB_NAME_LENGTH = 63
 
+# Spec fields (YAML names) that define a run: immutable once the job exists (CEL transition
+# rules), fingerprinted in status to catch an edit that bypassed them. Of checkpoint, only
+# its location and starting point; suspend, runPolicy, failurePolicy and template stay editable.
+RUN_FIELDS = ("image", "model", "dataset", "method", "lora", "hyperparameters", "resources", "workers")
+RUN_CHECKPOINT_FIELDS = ("claimName", "mountPath", "resumeFrom")
+
 PHASES = ("Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed")
 Phase = Literal["Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed"]
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
@@ -157,13 +163,19 @@ class Dataset(SpecModel):
         description="JSON field holding the completion (prompt/completion datasets; used with promptField).",
     )
 
+    @model_validator(mode="after")
+    def _prompt_and_completion_together(self) -> Dataset:
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError("set promptField and completionField together (or neither, to train on textField)")
+        return self
+
 
 class LoRA(SpecModel):
     """Low-rank adaptation settings (peft LoraConfig)."""
 
     r: int = Field(8, ge=1, le=1024, description="Rank of the LoRA update matrices.")
     alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling factor (lora_alpha).")
-    dropout: float = Field(0.05, ge=0.0, le=1.0, description="Dropout applied to the LoRA layers.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout applied to the LoRA layers (0 <= dropout < 1).")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
@@ -185,7 +197,7 @@ class Hyperparameters(SpecModel):
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=65_536, description="Micro-batches accumulated per optimiser step."
     )
-    sequence_length: int = Field(512, ge=1, le=1_048_576, description="Maximum tokens per example.")
+    sequence_length: int = Field(512, ge=2, le=1_048_576, description="Maximum tokens per example.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Random seed.")
 
     @model_validator(mode="after")
@@ -221,6 +233,27 @@ class Checkpoint(SpecModel):
     )
     every_steps: int = Field(100, ge=1, le=100_000_000, description="Save a checkpoint every N steps.")
     keep: int = Field(3, ge=1, le=1000, description="How many checkpoints to keep on the volume.")
+    resume_from: str | None = Field(
+        None,
+        max_length=4096,
+        pattern=r"^pvc://[^/]+/[^/].*$",
+        description="Start from this checkpoint of an earlier run, on the same claim: "
+        "pvc://<claimName>/<path>, e.g. status.checkpointPath of the earlier job plus /checkpoint-<step>. "
+        "Used only while this job has no checkpoint of its own; a job never starts from another "
+        "job's files unless asked here.",
+    )
+
+    @model_validator(mode="after")
+    def _resume_from_same_claim(self) -> Checkpoint:
+        if self.resume_from is None:
+            return self
+        if self.claim_name is None:
+            raise ValueError("resumeFrom needs claimName: the checkpoint is read from that claim")
+        if not self.resume_from.startswith(f"pvc://{self.claim_name}/"):
+            raise ValueError(f"resumeFrom must be on the job's claim: pvc://{self.claim_name}/<path>")
+        if ".." in self.resume_from.split("/"):
+            raise ValueError("resumeFrom must not contain '..'")
+        return self
 
 
 class RunPolicy(SpecModel):
@@ -240,7 +273,16 @@ class RunPolicy(SpecModel):
         None, ge=1, description="Fail the job when it has been active this long (counted from status.startTime)."
     )
     stall_timeout_seconds: int | None = Field(
-        None, ge=1, description="Restart a running trainer that completed no step for this long."
+        None,
+        ge=1,
+        description="Restart a running trainer that completed no step for this long. The clock starts at "
+        "the trainer's first step: model download and loading count against firstStepTimeoutSeconds.",
+    )
+    first_step_timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Restart a trainer that has not completed its first step this long after its container "
+        "started (model download and loading). Unset: no limit besides activeDeadlineSeconds.",
     )
     start_timeout_seconds: int = Field(
         600,
@@ -465,6 +507,15 @@ class TrainingJobStatus(StatusModel):
     restarts: int = Field(0, ge=0, le=2 * MAX_ATTEMPTS, description="failures + resumes.")
     progress: Progress | None = Field(None, description="Training progress.")
     checkpoint: CheckpointStatus | None = Field(None, description="Latest known checkpoint.")
+    output_path: str | None = Field(
+        None, description="Where the final adapter is written: pvc://<claim>/trainingjobs/<namespace>/<name>/<uid>/output."
+    )
+    checkpoint_path: str | None = Field(
+        None, description="This job's checkpoint directory: pvc://<claim>/trainingjobs/<namespace>/<name>/<uid>/checkpoints."
+    )
+    run_fingerprint: str | None = Field(
+        None, max_length=64, description="Hash of the fields that define the run, taken when the job was first seen."
+    )
     last_interruption: Interruption | None = Field(None, description="Why the last attempt ended without success.")
     start_time: Timestamp | None = Field(None, description="When the first attempt was started.")
     attempt_start_time: Timestamp | None = Field(None, description="When the current attempt was started.")

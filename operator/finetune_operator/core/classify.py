@@ -105,8 +105,18 @@ def last_activity(pod: PodObservation, obs: Observation, status: TrainingJobStat
 
 def stall_at(pod: PodObservation, obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> datetime | None:
     """When a running trainer counts as stalled; None when stall detection does not apply."""
+    if obs.progress is None or pod.running is None:
+        return None
+    if obs.progress.loading:
+        # No step done by this trainer yet: it is downloading or loading the model, which
+        # can take longer than any stall timeout. Only the start-up budget applies here.
+        budget = spec.run_policy.first_step_timeout_seconds
+        started = pod.running.started_at or status.attempt_start_time
+        if budget is None or started is None:
+            return None
+        return started + timedelta(seconds=budget)
     timeout = spec.run_policy.stall_timeout_seconds
-    if timeout is None or obs.progress is None or pod.running is None:
+    if timeout is None:
         return None
     return last_activity(pod, obs, status) + timedelta(seconds=timeout)
 
@@ -201,12 +211,13 @@ def _in_flight(pod: PodObservation, obs: Observation, spec: TrainingJobSpec, sta
     if pod.running is not None and pod.phase == "Running":
         stalled = stall_at(pod, obs, spec, status)
         if stalled is not None and obs.now >= stalled:
-            return Ended(
-                "interruption",
-                "Stalled",
-                f"trainer in pod {pod.name} completed no step for "
-                f"{spec.run_policy.stall_timeout_seconds}s (runPolicy.stallTimeoutSeconds)",
-            )
+            if obs.progress is not None and obs.progress.loading:
+                detail = (f"completed no first step within {spec.run_policy.first_step_timeout_seconds}s "
+                          "of starting (runPolicy.firstStepTimeoutSeconds)")
+            else:
+                detail = (f"completed no step for {spec.run_policy.stall_timeout_seconds}s "
+                          "(runPolicy.stallTimeoutSeconds)")
+            return Ended("interruption", "Stalled", f"trainer in pod {pod.name} {detail}")
         return InFlight("Running", None, f"attempt {pod.attempt} is training in pod {pod.name} on {pod.node_name}")
     waiting = pod.waiting
     reason = (waiting.reason if waiting else None) or "ContainerCreating"

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from .. import storage
 from ..api.models import MAX_ATTEMPTS, TERMINAL_PHASES, Interruption, TrainingJobSpec, TrainingJobStatus
 from .actions import Action, CreatePod, Decision, DeleteJob, DeletePod, Event
 from .classify import Completed, Ended, InFlight, classify_pod, node_lost, node_lost_at, stall_at
 from .conditions import merge_conditions, wanted_conditions
 from .observation import Observation, PodObservation
 from .privileged import privileged_settings
-from .progress import final_progress, fold_progress, latest_checkpoint
+from .progress import final_progress, fold_progress, latest_checkpoint, running_checkpoint
+from .run_definition import run_fingerprint, trainer_checkpoint_dir
 from .text import one_line
 from .timing import backoff_seconds, deadline_at, resume_at, seconds_until, start_timeout_at, ttl_at
 
@@ -177,7 +179,8 @@ def _succeed(obs: Observation, status: TrainingJobStatus, pod: PodObservation | 
         status,
         phase="Succeeded",
         reason="Completed",
-        message=f"training completed{at_step} in attempt {status.attempt}",
+        message=f"training completed{at_step} in attempt {status.attempt}; "
+        + (f"adapter in {status.output_path}" if status.output_path else "adapter in an emptyDir (no checkpoint.claimName): gone with the pod"),
         completion_time=_now(obs),
         progress=final_progress(status.progress, report, _now(obs)),
     )
@@ -273,6 +276,17 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
         failed = _fail(obs, status, "InvalidSpec", obs.spec_error or "spec: missing")
         return failed, stop_pods(obs, live_pods(obs), "InvalidSpec")
     spec = obs.spec
+    if status.run_fingerprint is not None and status.run_fingerprint != run_fingerprint(spec):
+        failed = _fail(
+            obs,
+            status,
+            "SpecChanged",
+            "fields that define the run (image, model, dataset, method, lora, hyperparameters, resources, "
+            "workers, checkpoint location) changed after the job started; the CRD refuses such edits, so this "
+            "one bypassed validation. Nothing of the new definition was applied: create a new TrainingJob "
+            "(checkpoint.resumeFrom can start it from this job's checkpoint)",
+        )
+        return failed, stop_pods(obs, live_pods(obs), "SpecChanged")
     refused = privileged_settings(spec)
     if refused and not obs.allow_privileged:
         failed = _fail(
@@ -381,7 +395,24 @@ def _finish(obs: Observation, status: TrainingJobStatus) -> TrainingJobStatus:
 def _fold_reports(obs: Observation, status: TrainingJobStatus) -> TrainingJobStatus:
     progress = fold_progress(status.progress, obs.progress, _now(obs)) if obs.progress else status.progress
     checkpoint = latest_checkpoint(status.checkpoint, obs.pods)
-    return _update(status, progress=progress, checkpoint=checkpoint)
+    if obs.spec is not None:
+        checkpoint = running_checkpoint(checkpoint, obs.progress, trainer_checkpoint_dir(obs.spec), _now(obs))
+    return _update(status, progress=progress, checkpoint=checkpoint, **_storage(obs, status))
+
+
+def _storage(obs: Observation, status: TrainingJobStatus) -> dict:
+    """status.outputPath / checkpointPath (claim URIs) and the run fingerprint, set once."""
+    out: dict = {}
+    spec = obs.spec
+    if spec is None:
+        return out
+    claim = spec.checkpoint.claim_name
+    if claim and obs.uid and obs.namespace and status.output_path is None:
+        out["output_path"] = storage.output_uri(claim, obs.namespace, obs.job_name, obs.uid)
+        out["checkpoint_path"] = storage.checkpoints_uri(claim, obs.namespace, obs.job_name, obs.uid)
+    if status.run_fingerprint is None:
+        out["run_fingerprint"] = run_fingerprint(spec)
+    return out
 
 
 def decide(obs: Observation) -> Decision:

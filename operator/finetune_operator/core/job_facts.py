@@ -34,6 +34,8 @@ def observe_job(
         spec=spec,
         spec_error=spec_error,
         job_name=str(metadata.get("name", "")),
+        namespace=str(metadata.get("namespace", "")),
+        uid=str(metadata.get("uid", "")),
         generation=generation if isinstance(generation, int) else None,
         pods=observe_pods(pods, metadata.get("uid")),
         unready_nodes=unready_nodes if isinstance(unready_nodes, Mapping) else list(unready_nodes),

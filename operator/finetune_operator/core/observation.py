@@ -103,6 +103,10 @@ class ProgressSample:
     loss: float | None = None
     tokens_per_second: float | None = None
     heartbeat_time: datetime | None = None  # advances only when a step completes
+    last_checkpoint_step: int | None = None  # the trainer's latest complete checkpoint
+    # The trainer serves metrics but has completed no step yet (heartbeat 0): it is
+    # downloading or loading the model, so the stall clock has not started.
+    loading: bool = False
 
 
 def _node_map(nodes: Mapping[str, datetime | None] | Iterable[str]) -> dict[str, datetime | None]:
@@ -120,6 +124,8 @@ class Observation:
     spec: TrainingJobSpec | None = None
     spec_error: str | None = None  # one line; set when the spec failed validation
     job_name: str = ""
+    namespace: str = ""
+    uid: str = ""  # with namespace and name, locates the job's files (storage.job_directory)
     generation: int | None = None
     pods: tuple[PodObservation, ...] = ()
     # Nodes that are NotReady (value: since when) or missing (value: None), by name.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import posixpath
 from typing import Any
+
+from finetune_trainer.contract import checkpoint_name
 
 from ..api.models import CheckpointStatus, Progress, TrainingJobStatus
 from .observation import PodObservation, ProgressSample
@@ -54,6 +57,17 @@ def final_progress(old: Progress | None, report: dict[str, Any] | Any, now: Any)
         loss=float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None,
     )
     return fold_progress(old, sample, now)
+
+
+def running_checkpoint(
+    old: CheckpointStatus | None, sample: ProgressSample | None, checkpoint_dir: str, now: Any
+) -> CheckpointStatus | None:
+    """The checkpoint a running trainer reports (finetune_trainer_last_checkpoint_step), so
+    status.checkpoint follows training instead of waiting for the pod to exit."""
+    step = sample.last_checkpoint_step if sample is not None else None
+    if step is None or (old is not None and old.step is not None and step <= old.step):
+        return old
+    return CheckpointStatus(step=step, path=posixpath.join(checkpoint_dir, checkpoint_name(step)), time=now)
 
 
 def latest_checkpoint(old: CheckpointStatus | None, pods: tuple[PodObservation, ...]) -> CheckpointStatus | None:

@@ -14,6 +14,7 @@ _METRICS = {
     "finetune_trainer_loss": "loss",
     "finetune_trainer_tokens_per_second": "tokens_per_second",
     "finetune_trainer_heartbeat_timestamp_seconds": "heartbeat",
+    "finetune_trainer_last_checkpoint_step": "last_checkpoint_step",
 }
 
 
@@ -46,6 +47,8 @@ def parse_trainer_metrics(text: str) -> ProgressSample | None:
         epoch=values.get("epoch"),
         loss=values.get("loss"),
         tokens_per_second=values.get("tokens_per_second"),
+        last_checkpoint_step=integer("last_checkpoint_step") or None,
+        loading=heartbeat == 0,
         heartbeat_time=(
             datetime.fromtimestamp(heartbeat, tz=timezone.utc)
             if heartbeat is not None and math.isfinite(heartbeat) and heartbeat > 0
