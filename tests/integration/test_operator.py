@@ -192,3 +192,30 @@ def test_job_can_be_deleted_while_the_operator_is_down(jobs, cluster, namespace,
         wait_for(lambda: jobs.pods("orphanable") == [], 90, "pods garbage-collected")
     finally:
         live_operator.start()
+
+
+def test_run_definition_is_immutable_while_editable_fields_stay_editable(jobs, cluster, namespace):
+    """kubectl edits of a running job: the model (and every run-defining field) is refused at
+    apply with a message that says to create a new job; suspend and runPolicy go through."""
+    jobs.apply(job_manifest("fixed", template=sim(outcome="run")))
+    jobs.wait_phase("fixed", "Running", 60)
+    for patch, field in (({"model": "/models/other"}, "model"),
+                         ({"hyperparameters": {"maxSteps": 5}}, "hyperparameters"),
+                         ({"checkpoint": {"claimName": "elsewhere"}}, "checkpoint.claimName")):
+        res = cluster.kubectl("patch", "tj", "fixed", "-n", namespace, "--type", "merge",
+                              "-p", json.dumps({"spec": patch}), check=False)
+        assert res.returncode != 0, patch
+        assert f"{field} is immutable" in res.stderr and "create a new TrainingJob" in res.stderr, res.stderr
+    assert jobs.get("fixed")["spec"]["model"] == "/models/tiny"
+    cluster.kubectl("patch", "tj", "fixed", "-n", namespace, "--type", "merge",
+                    "-p", json.dumps({"spec": {"runPolicy": {"backoffLimit": 7}}}))
+    status = jobs.wait("fixed", lambda s: s.get("observedGeneration") == 2, 30, "generation 2 observed")
+    assert status["phase"] == "Running" and status["runFingerprint"]
+
+
+def test_prompt_without_completion_is_refused_at_apply(cluster, namespace, crd):
+    bad = job_manifest("halfpc", dataset={"path": "/data/x.jsonl", "promptField": "q"})
+    res = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+    assert res.returncode != 0
+    assert "dataset.promptField and dataset.completionField must be set together" in res.stderr
+    assert "FT_" not in res.stderr
