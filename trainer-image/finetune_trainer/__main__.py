@@ -62,13 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     the pod's grace period. Every file the trainer writes is closed before that point.
     """
     if argv is None:
-        rc = _run(list(sys.argv[1:]))
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(rc)
+        from .util import flush_and_exit
+
+        flush_and_exit(_run(list(sys.argv[1:])))
     return _run(list(argv))
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import tempfile
+from typing import NoReturn
 
 LOG = logging.getLogger("finetune_trainer")
 
@@ -27,6 +28,17 @@ def atomic_write_text(path: str, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def flush_and_exit(code: int) -> NoReturn:
+    """Flush stdout/stderr, then end the process at once (no interpreter teardown: torch's
+    takes seconds, which would only eat into the pod's grace period)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
 
 
 def setup_logging(rank: int = 0) -> None:

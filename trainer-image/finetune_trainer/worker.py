@@ -17,7 +17,7 @@ from typing import Any
 
 from . import checkpoints as ckpts
 from . import contract as c
-from .util import LOG, env_rank, setup_logging
+from .util import LOG, env_rank, flush_and_exit, setup_logging
 
 
 class PreemptedBeforeTraining(BaseException):
@@ -121,12 +121,7 @@ class StopDeadline:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             self.on_expiry(self.seconds)
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:  # noqa: BLE001
-                    pass
-            os._exit(exit_code)
+            flush_and_exit(exit_code)
 
 
 class Report:
