@@ -31,7 +31,7 @@ build_component() {  # name, output dir, packages...
   local start=$SECONDS tmp="$out.tmp.$$" rc=0
   rm -rf "$tmp"; mkdir -p "$tmp"
   # go build -v names each package as it compiles it; a heartbeat counts them so a
-  # cold Kubernetes build (about 14 minutes) is never silent.
+  # cold Kubernetes build (12 to 14 minutes on 2 cores) is never silent.
   local vlog="$tmp.build.log"; : > "$vlog"
   heartbeat "$name" "$start" "$vlog" & local beat=$!
   (cd "$here/build/$name" && go build -v -trimpath -tags selinux,notest \

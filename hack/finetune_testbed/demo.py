@@ -43,7 +43,7 @@ class Demo:
 
     # ---- setup -------------------------------------------------------------------------
     def start(self) -> None:
-        say("building or reusing the control plane binaries (first run: ~7 min on 2 cores)")
+        say("building or reusing the control plane binaries (first run with empty Go caches: ~17 min on 2 cores, progress every 30 s)")
         self.cluster = LocalCluster()
         self.cluster.start()
         say(f"control plane ready in {self.cluster.startup_seconds:.1f}s: etcd, kube-apiserver, "
