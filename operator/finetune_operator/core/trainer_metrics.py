@@ -5,16 +5,18 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
+from finetune_trainer import contract
+
 from .observation import ProgressSample
 
-_METRICS = {
-    "finetune_trainer_step": "step",
-    "finetune_trainer_total_steps": "total_steps",
-    "finetune_trainer_epoch": "epoch",
-    "finetune_trainer_loss": "loss",
-    "finetune_trainer_tokens_per_second": "tokens_per_second",
-    "finetune_trainer_heartbeat_timestamp_seconds": "heartbeat",
-    "finetune_trainer_last_checkpoint_step": "last_checkpoint_step",
+_METRICS = {  # the trainer contract's names (one definition, torch-free module)
+    contract.METRIC_STEP: "step",
+    contract.METRIC_TOTAL_STEPS: "total_steps",
+    contract.METRIC_EPOCH: "epoch",
+    contract.METRIC_LOSS: "loss",
+    contract.METRIC_TOKENS_PER_SECOND: "tokens_per_second",
+    contract.METRIC_HEARTBEAT: "heartbeat",
+    contract.METRIC_LAST_CHECKPOINT_STEP: "last_checkpoint_step",
 }
 
 
