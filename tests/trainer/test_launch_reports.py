@@ -35,3 +35,29 @@ def test_exit_codes_map_to_outcomes():
     assert launch.outcome_for_exit(137) == c.OUTCOME_PREEMPTED
     assert launch.outcome_for_exit(1) == c.OUTCOME_ERROR
     assert launch.exit_code_for_failures({0: -15, 1: 78}) == 78
+
+
+_HUNG_AGENT = r"""
+import sys, threading
+from finetune_trainer import contract as c, launch
+launch.COMPLETION_GRACE_SECONDS = 1.0
+cfg = c.TrainerConfig(termination_log=sys.argv[1])
+before = launch._read(cfg.termination_log)
+threading.Thread(target=launch._bound_after_completion, args=(cfg, before, threading.Event()), daemon=True).start()
+c.write_termination_message(cfg.termination_log, c.termination_message(c.OUTCOME_COMPLETED, step=4, message="done"))
+threading.Event().wait(60)  # torchrun that never returns
+sys.exit(3)
+"""
+
+
+def test_launcher_exits_0_when_torchrun_hangs_after_training_completed(tmp_path):
+    """Rank 0 reported "completed" but the agent never returns: the launcher ends itself (0)."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "tl"
+    log.write_text("")
+    proc = subprocess.run([sys.executable, "-c", _HUNG_AGENT, str(log)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torchrun did not return within 1s" in proc.stdout + proc.stderr
+    assert c.parse_termination_message(log.read_text())["outcome"] == "completed"

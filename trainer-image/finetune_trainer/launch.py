@@ -13,15 +13,17 @@ endpoint runs ``--standalone`` (a free local port).
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 
 from . import checkpoints as ckpts
 from . import contract as c
-from .util import LOG, setup_logging
+from .util import LOG, flush_and_exit, setup_logging
 
 
 def is_torchrun_worker(env: os._Environ | dict | None = None) -> bool:
@@ -178,8 +180,13 @@ def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
     before = _read(cfg.termination_log)
     args = torchrun_args(nproc, argv, env)
     LOG.info("launching torchrun %s", " ".join(args))
+    returned = threading.Event()
+    threading.Thread(
+        target=_bound_after_completion, args=(cfg, before, returned), name="completion-bound", daemon=True
+    ).start()
     try:
         rc, detail = _run_agent(args)
+        returned.set()
         if rc != 0:
             _report_failure(cfg, rc, detail, before, rank_reports(report_dir) if report_dir else {})
     finally:
@@ -188,6 +195,29 @@ def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
     if rc != 0:
         LOG.warning("torchrun finished with exit code %d (%s)", rc, detail)
     return rc
+
+
+# Once rank 0 has reported "completed" (adapter saved, process group torn down), torchrun
+# gets this long to return; a launcher that hangs past it would hold the pod's GPUs forever.
+COMPLETION_GRACE_SECONDS = 30.0
+
+
+def _bound_after_completion(cfg: c.TrainerConfig, before: str | None, returned: threading.Event) -> None:
+    """Exit 0 (stacks dumped) when torchrun has not returned COMPLETION_GRACE_SECONDS after
+    rank 0 wrote a "completed" termination message. The workers die with the launcher."""
+    while not returned.wait(1.0):
+        text = _read(cfg.termination_log)
+        msg = c.parse_termination_message(text or "") if text != before else None
+        if msg is None or msg["outcome"] != c.OUTCOME_COMPLETED:
+            continue
+        if returned.wait(COMPLETION_GRACE_SECONDS):
+            return
+        LOG.error(
+            "training completed but torchrun did not return within %.0fs: exiting 0; thread stacks follow",
+            COMPLETION_GRACE_SECONDS,
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        flush_and_exit(c.EXIT_COMPLETED)
 
 
 def _report_dir() -> str | None:
