@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Offline before anything imports transformers (trainer.md pitfall 3).
+# Offline before anything imports transformers (docs/TRAINER.md pitfall 3).
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 

@@ -49,11 +49,11 @@ def test_train_produces_adapter(reference_run, tiny_model):
     out = run.out_dir
     adapter = out / "adapter_model.safetensors"
     assert adapter.is_file() and (out / "adapter_config.json").is_file()
-    assert stat.S_IMODE(adapter.stat().st_mode) == 0o644  # pitfall 7
+    assert stat.S_IMODE(adapter.stat().st_mode) == 0o644  # docs/TRAINER.md pitfall 7
     for p in run.ckpt_dir.glob("checkpoint-*/*.safetensors"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(tiny_model)  # absolute (pitfall 4)
+    assert cfg["base_model_name_or_path"] == str(tiny_model)  # absolute (docs/TRAINER.md pitfall 4)
     assert sorted(p.name for p in run.ckpt_dir.glob("checkpoint-*")) == [
         "checkpoint-10", "checkpoint-15", "checkpoint-16",
     ]  # fmt: skip  (save_total_limit 3)
@@ -323,7 +323,7 @@ def test_torchrun_sigterm_exits_143_with_checkpoint(trainer_env):
     wait_until(lambda: run.last_step() >= 2, 180, "step 2", proc=run)
     run.signal(signal.SIGTERM)  # to the launcher (PID 1 in a pod), like the kubelet
     rc = run.wait(90)
-    assert rc == 143, run.output()[-4000:]  # not torchrun's 1 (pitfall 9)
+    assert rc == 143, run.output()[-4000:]  # not torchrun's 1 (docs/TRAINER.md pitfall 9)
     msg = run.termination()
     step = msg["step"]
     assert msg["outcome"] == "preempted" and msg["checkpointStep"] == step >= 2

@@ -76,7 +76,7 @@ def test_outcomes_map_to_exit_codes_and_model_path_is_absolute(setup, monkeypatc
 
     install(train)
     monkeypatch.chdir(tmp_path)
-    assert worker.run(cfg.replace(model="model")) == 0  # relative path resolved (pitfall 4)
+    assert worker.run(cfg.replace(model="model")) == 0  # relative path resolved (docs/TRAINER.md pitfall 4)
     assert seen["model_path"] == str(tmp_path / "model") and seen["examples"] == ["hello world"]
     assert message()["outcome"] == "completed"
 
@@ -100,7 +100,7 @@ def test_sigterm_before_training_raises_out_of_loading(setup):
     assert worker.run(cfg) == 143
     msg = message()
     assert msg["outcome"] == "preempted" and "before training started" in msg["message"]
-    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored (pitfall 8)
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored (docs/TRAINER.md pitfall 8)
 
 
 def test_bad_values_exit_78_before_anything_else(setup):

@@ -1,4 +1,4 @@
-"""One test (at least) per row of DESIGN.md's classification table, through decide()."""
+"""One test (at least) per row of the classification table in docs/CONTRACTS.md, through decide()."""
 
 from __future__ import annotations
 

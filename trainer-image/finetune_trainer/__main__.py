@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 
-# Quiet, offline-friendly defaults; set before transformers can be imported (pitfalls 3, 11).
+# Quiet, offline-friendly defaults; set before transformers can be imported (docs/TRAINER.md pitfalls 3, 11).
 # HF_HUB_OFFLINE itself is left to the environment (the image sets it).
 for _k, _v in (
     ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),

@@ -4,7 +4,7 @@ A checkpoint directory ``checkpoint-<step>`` is *complete* when it holds
 ``trainer_state.json`` (the HF Trainer writes it last) and no
 ``checkpoint-is-incomplete.txt`` sentinel (written by transformers' JIT checkpointing
 while a save is in progress). ``transformers.trainer_utils.get_last_checkpoint`` ignores
-both (trainer.md pitfall 1), hence this module.
+both (docs/TRAINER.md pitfall 1), hence this module.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def tokenize_examples(
     """Tokenize to ``{"input_ids", "labels"}`` features, truncated to ``seq_len`` tokens.
 
     An EOS token is appended when the tokenizer did not add one and there is room.
-    Examples that end up empty are dropped; none left (pitfall 15: a tokenizer that
+    Examples that end up empty are dropped; none left (docs/TRAINER.md pitfall 15: a tokenizer that
     encodes everything to nothing) is a config error.
     """
     eos = tokenizer.eos_token_id

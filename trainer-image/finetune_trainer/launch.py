@@ -1,6 +1,6 @@
 """Run the trainer in this process, or under torchrun (``torch.distributed.run``).
 
-torchrun itself exits 1 after SIGTERM (trainer.md pitfall 9); here ``SignalException`` is
+torchrun itself exits 1 after SIGTERM (docs/TRAINER.md pitfall 9); here ``SignalException`` is
 mapped to 128+signum (143 for SIGTERM) and a worker's 78/143 is passed through, so the
 operator's failure policy sees the same exit codes in both modes.
 

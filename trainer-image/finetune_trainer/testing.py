@@ -1,5 +1,5 @@
 """Offline fixtures: a tiny random Llama-style model + byte-level BPE tokenizer on disk, and
-small JSONL datasets (trainer.md §2). Used by tests/trainer, the benchmarks and e2e tests.
+small JSONL datasets (docs/TRAINER.md). Used by tests/trainer, the benchmarks and e2e tests.
 
 Needs transformers and tokenizers; set HF_HUB_OFFLINE=1 before importing transformers.
 """
@@ -28,7 +28,7 @@ QUIET_OFFLINE_ENV = (
 
 
 def quiet_offline_env() -> None:
-    """Offline and quiet; call before anything imports transformers (trainer.md pitfalls 3, 11)."""
+    """Offline and quiet; call before anything imports transformers (docs/TRAINER.md pitfalls 3, 11)."""
     for key, value in QUIET_OFFLINE_ENV:
         os.environ.setdefault(key, value)
 

@@ -76,7 +76,7 @@ class TrainerControlCallback(TrainerCallback):
         local = self.stopper.is_set()
         if not _distributed() or torch.distributed.get_world_size() < 2:
             return local
-        # Every rank must stop at the same step (pitfall 10): agree on the flag each step.
+        # Every rank must stop at the same step (docs/TRAINER.md pitfall 10): agree on the flag each step.
         if self._flag is None or self._flag.device != device:
             self._flag = torch.zeros(1, dtype=torch.int32, device=device)
         self._flag.fill_(1 if local else 0)
@@ -143,7 +143,7 @@ class TrainerControlCallback(TrainerCallback):
         if not self.is_main:
             return
         path = os.path.join(args.output_dir, f"{ckpts.CHECKPOINT_PREFIX}-{state.global_step}")
-        ckpts.make_world_readable(path)  # pitfall 7: safetensors 0.8 writes 0600
+        ckpts.make_world_readable(path)  # docs/TRAINER.md pitfall 7: safetensors 0.8 writes 0600
         if ckpts.is_complete(path):
             self.report.checkpoint, self.report.checkpoint_step = path, state.global_step
             if self.metrics is not None:
@@ -357,7 +357,7 @@ def train(
     report.max_steps = state.max_steps
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     if losses:
-        report.loss = float(losses[-1])  # pitfall 2: not TrainOutput.training_loss
+        report.loss = float(losses[-1])  # docs/TRAINER.md pitfall 2: not TrainOutput.training_loss
     skipped = f"; skipped incomplete {','.join(report.skipped)}" if report.skipped else ""
     resumed = f"; resumed from step {report.resumed_from}" if report.resumed_from is not None else ""
 

@@ -33,7 +33,7 @@ class StopSignal:
 
     Before the training loop starts there is nothing to save, so the handler raises
     :class:`PreemptedBeforeTraining` instead (model loading can take minutes).
-    Signal handlers can only be installed from the main thread (pitfall 8); elsewhere
+    Signal handlers can only be installed from the main thread (docs/TRAINER.md pitfall 8); elsewhere
     this is a no-op apart from :meth:`request`.
     """
 
@@ -194,7 +194,7 @@ def write_rank_report(msg: dict[str, Any]) -> None:
         LOG.warning("could not leave this rank's report in %s: %s", directory, e)
 
 def check_model_path(model: str) -> str:
-    """Resolve a local model directory to an absolute path (pitfall 4), else keep the hub id.
+    """Resolve a local model directory to an absolute path (docs/TRAINER.md pitfall 4), else keep the hub id.
 
     A string that looks like a path but is not a readable directory with a config.json is a
     config error (from_pretrained would report a misleading "Repo id must be..." error).

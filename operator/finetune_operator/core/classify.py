@@ -1,4 +1,4 @@
-"""What happened to the current attempt's pod (DESIGN.md, "Classifying what happened to a pod").
+"""What happened to the current attempt's pod (docs/CONTRACTS.md, "Classifying what happened to a pod").
 
 `classify_pod` looks at one pod and says either that the attempt is still on its way (InFlight:
 Queued, Starting or Running), that it completed, or that it ended and how that counts
