@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from finetune_operator import storage
-
 from .cluster import REPO, LocalCluster
 from .localnode import LocalNode
 from .operator_proc import OperatorProcess
@@ -163,11 +161,9 @@ class Demo:
                          s.get("reason") or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        adapter = None
         real = (jobs.get(EVICTED) or {}).get("status") or {}
-        split = storage.split_claim_uri(real.get("outputPath") or "")
-        if split is not None:  # pvc://<claim>/<path> → the claim's directory on the local node
-            adapter = self.local.pvc_dir(NS, split[0]) / split[1] / "adapter_model.safetensors"
+        output = self.local.uri_dir(NS, real.get("outputPath") or "")
+        adapter = output / "adapter_model.safetensors" if output is not None else None
         lines += ["",
                   f"operator metrics:  {self.operator.metrics_url}  (finetune_operator_*)",
                   "trainer metrics:   podIP:9400/metrics while a trainer runs (finetune_trainer_*)",

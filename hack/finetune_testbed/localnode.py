@@ -1448,6 +1448,13 @@ class LocalNode:
     def pvc_dir(self, ns: str, claim: str) -> Path:
         return self.workdir / "pvc" / ns / claim
 
+    def uri_dir(self, ns: str, uri: str) -> Path | None:
+        """A status path `pvc://<claim>/<path>` as a directory on this node (None: not one)."""
+        from finetune_operator.storage import split_claim_uri
+
+        split = split_claim_uri(uri)
+        return None if split is None else self.pvc_dir(ns, split[0]) / split[1]
+
     def argv(self) -> list[str]:
         args = [sys.executable, "-m", "finetune_testbed.localnode",
                 "--kubeconfig", str(self.kubeconfig), "--node", self.node_name,

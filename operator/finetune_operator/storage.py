@@ -49,9 +49,11 @@ def split_claim_uri(uri: str) -> tuple[str, str] | None:
     return claim, path
 
 
-def pod_checkpoint_to_uri(pod_path: str, mount_path: str, claim: str, job_dir: str) -> str | None:
-    """A checkpoint path as the trainer saw it (under the job's mount) → its claim URI."""
-    rel = posixpath.relpath(posixpath.normpath(pod_path), posixpath.normpath(mount_path))
-    if rel == "." or rel.startswith(".."):
-        return None
-    return claim_uri(claim, posixpath.join(job_dir, rel))
+def pod_output_dir(mount_path: str) -> str:
+    """The trainer's output directory inside the pod (the job's directory is mounted here)."""
+    return posixpath.join(mount_path, OUTPUT_SUBDIR)
+
+
+def pod_checkpoint_dir(mount_path: str) -> str:
+    """The trainer's checkpoint directory inside the pod."""
+    return posixpath.join(mount_path, CHECKPOINTS_SUBDIR)

@@ -2,8 +2,6 @@
 (torch-free), so the names are defined once."""
 from __future__ import annotations
 
-import posixpath
-
 from finetune_trainer.contract import DEFAULT_METRICS_PORT, TrainerConfig, stop_timeout_for_grace
 
 from . import storage
@@ -17,8 +15,8 @@ def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
     return TrainerConfig(
         model=spec.model, dataset=spec.dataset.path, text_field=spec.dataset.text_field,
         prompt_field=spec.dataset.prompt_field, completion_field=spec.dataset.completion_field,
-        output_dir=posixpath.join(ckpt.mount_path, storage.OUTPUT_SUBDIR),
-        checkpoint_dir=posixpath.join(ckpt.mount_path, storage.CHECKPOINTS_SUBDIR),
+        output_dir=storage.pod_output_dir(ckpt.mount_path),
+        checkpoint_dir=storage.pod_checkpoint_dir(ckpt.mount_path),
         resume_from=storage.RESUME_FROM_MOUNT_PATH if ckpt.resume_from else None,
         save_steps=ckpt.every_steps, save_total_limit=ckpt.keep,
         max_steps=hp.max_steps, epochs=hp.epochs, learning_rate=hp.learning_rate,

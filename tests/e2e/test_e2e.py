@@ -129,14 +129,6 @@ def test_frozen_trainer_is_detected_as_stalled_and_restarted(run, namespace):
     assert termination(jobs, "frozen-2")["resumedFrom"] >= 10
 
 
-def _local_dir(local_node, namespace, uri: str):
-    """pvc://<claim>/<path> → that directory of the claim on the local node."""
-    from finetune_operator import storage
-
-    claim, path = storage.split_claim_uri(uri)
-    return local_node.pvc_dir(namespace, claim) / path
-
-
 def test_jobs_sharing_a_claim_keep_their_own_files_and_start_only_from_what_they_name(
         cluster, namespace, live_operator, local_node, assets):
     """Two jobs on one claim both succeed with separate adapters and neither resumes the
@@ -156,7 +148,7 @@ def test_jobs_sharing_a_claim_keep_their_own_files_and_start_only_from_what_they
     assert first["share-a"]["outputPath"] != first["share-b"]["outputPath"]
     for name, status in first.items():
         assert termination(jobs, f"{name}-1")["resumedFrom"] is None, name  # neither resumed the other
-        assert (_local_dir(local_node, namespace, status["outputPath"]) / "adapter_model.safetensors").is_file()
+        assert (local_node.uri_dir(namespace, status["outputPath"]) / "adapter_model.safetensors").is_file()
         assert f"adapter in {status['outputPath']}" in status["message"]
         assert status["checkpoint"]["step"] == 10
 

@@ -10,6 +10,7 @@ both (docs/TRAINER.md pitfall 1), hence this module.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -122,8 +123,6 @@ def make_world_readable(path: str, suffix: str = ".safetensors") -> int:
 def explicit_start(path: str) -> Checkpoint:
     """The checkpoint a run was asked to start from (FT_RESUME_FROM): it must be complete;
     its step comes from its trainer state (the mount point's name carries none)."""
-    import json
-
     if not os.path.isdir(path):
         raise contract.ConfigError(f"resume-from checkpoint (spec.checkpoint.resumeFrom) not found: {path}")
     if not is_complete(path):

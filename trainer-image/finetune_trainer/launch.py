@@ -13,7 +13,6 @@ endpoint runs ``--standalone`` (a free local port).
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ import threading
 
 from . import checkpoints as ckpts
 from . import contract as c
-from .util import LOG, flush_and_exit, setup_logging
+from .util import LOG, exit_with_stacks, setup_logging
 
 
 def is_torchrun_worker(env: os._Environ | dict | None = None) -> bool:
@@ -200,24 +199,24 @@ def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
 # Once rank 0 has reported "completed" (adapter saved, process group torn down), torchrun
 # gets this long to return; a launcher that hangs past it would hold the pod's GPUs forever.
 COMPLETION_GRACE_SECONDS = 30.0
+# How often the launcher looks at the termination log for rank 0's "completed".
+COMPLETION_POLL_SECONDS = 5.0
 
 
 def _bound_after_completion(cfg: c.TrainerConfig, before: str | None, returned: threading.Event) -> None:
     """Exit 0 (stacks dumped) when torchrun has not returned COMPLETION_GRACE_SECONDS after
     rank 0 wrote a "completed" termination message. The workers die with the launcher."""
-    while not returned.wait(1.0):
+    while not returned.wait(COMPLETION_POLL_SECONDS):
         text = _read(cfg.termination_log)
         msg = c.parse_termination_message(text or "") if text != before else None
         if msg is None or msg["outcome"] != c.OUTCOME_COMPLETED:
             continue
         if returned.wait(COMPLETION_GRACE_SECONDS):
             return
-        LOG.error(
-            "training completed but torchrun did not return within %.0fs: exiting 0; thread stacks follow",
-            COMPLETION_GRACE_SECONDS,
+        exit_with_stacks(
+            c.EXIT_COMPLETED,
+            f"training completed but torchrun did not return within {COMPLETION_GRACE_SECONDS:.0f}s: exiting 0",
         )
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        flush_and_exit(c.EXIT_COMPLETED)
 
 
 def _report_dir() -> str | None:

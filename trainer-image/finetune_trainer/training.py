@@ -142,7 +142,7 @@ class TrainerControlCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not self.is_main:
             return
-        path = os.path.join(args.output_dir, f"{ckpts.CHECKPOINT_PREFIX}-{state.global_step}")
+        path = os.path.join(args.output_dir, c.checkpoint_name(state.global_step))
         ckpts.make_world_readable(path)  # docs/TRAINER.md pitfall 7: safetensors 0.8 writes 0600
         if ckpts.is_complete(path):
             self.report.checkpoint, self.report.checkpoint_step = path, state.global_step

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import NoReturn
 
 LOG = logging.getLogger("finetune_trainer")
@@ -39,6 +41,18 @@ def flush_and_exit(code: int) -> NoReturn:
         except Exception:  # noqa: BLE001
             pass
     os._exit(code)
+
+
+def exit_with_stacks(code: int, why: str, before_exit: Callable[[], object] | None = None) -> NoReturn:
+    """A watchdog's last word: log why, print every thread's stack (where it hung), run
+    ``before_exit`` (e.g. write the termination message), end the process."""
+    LOG.error("%s; thread stacks follow", why)
+    try:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        if before_exit is not None:
+            before_exit()
+    finally:
+        flush_and_exit(code)
 
 
 def setup_logging(rank: int = 0) -> None:

@@ -7,17 +7,15 @@ Only global rank 0 serves metrics and writes the termination message and checkpo
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import signal
-import sys
 import threading
 import traceback
 from typing import Any
 
 from . import checkpoints as ckpts
 from . import contract as c
-from .util import LOG, env_rank, flush_and_exit, setup_logging
+from .util import LOG, env_rank, exit_with_stacks, setup_logging
 
 
 class PreemptedBeforeTraining(BaseException):
@@ -83,6 +81,10 @@ class StopSignal:
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGTERM)
 
+    def exit_code_for(self, outcome: str) -> int:
+        """A stop exits 128 + the signal that caused it; other outcomes by the contract."""
+        return self.exit_code if outcome == c.OUTCOME_PREEMPTED else c.OUTCOME_EXIT_CODES[outcome]
+
 
 class StopDeadline:
     """Once a stop is requested, the process exits within ``seconds`` whatever blocks it.
@@ -116,12 +118,11 @@ class StopDeadline:
     def _run(self, exit_code: int) -> None:
         if self._cancelled.wait(self.seconds):
             return
-        LOG.error("still running %.0fs after the stop request: exiting now; thread stacks follow", self.seconds)
-        try:
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            self.on_expiry(self.seconds)
-        finally:
-            flush_and_exit(exit_code)
+        exit_with_stacks(
+            exit_code,
+            f"still running {self.seconds:.0f}s after the stop request: exiting now",
+            lambda: self.on_expiry(self.seconds),
+        )
 
 
 class Report:
@@ -172,12 +173,15 @@ class Report:
             write_rank_report(msg)
         return msg
 
-    def finish_after_deadline(self, seconds: float) -> None:
-        """Termination message when the stop deadline expires: the latest complete
-        checkpoint is what the next attempt resumes from."""
+    def note_latest_checkpoint(self) -> None:
+        """After a stop: the latest complete checkpoint is where the next attempt resumes."""
         self.refresh_checkpoint()
         if self.checkpoint_step is not None:
             self.step = max(self.step, self.checkpoint_step)
+
+    def finish_after_deadline(self, seconds: float) -> None:
+        """Termination message when the stop deadline expires."""
+        self.note_latest_checkpoint()
         where = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint yet"
         self.finish(c.OUTCOME_PREEMPTED, f"stopped by signal; shutdown did not finish within {seconds:.0f}s; {where}")
 
@@ -234,26 +238,21 @@ def run(cfg: c.TrainerConfig) -> int:
     deadline = StopDeadline(cfg.stop_timeout, report.finish_after_deadline)
     stopper = StopSignal(deadline)
     stopper.install()
-    started_metrics: list = []  # _attempt appends the metrics server it starts
     try:
-        return _attempt(cfg, rank, report, stopper, started_metrics)
+        return _attempt(cfg, rank, report, stopper)
     except PreemptedBeforeTraining as e:
         # The signal came while an outcome was being reported (a peer rank failed and torchrun
         # stopped this one): an outcome already written stands; otherwise it is a stop.
         written = report.written or report.finish(
             c.OUTCOME_PREEMPTED, f"stopped by {e} before training started; nothing new to save"
         )
-        if written["outcome"] == c.OUTCOME_PREEMPTED:
-            return stopper.exit_code
-        return c.OUTCOME_EXIT_CODES[written["outcome"]]
+        return stopper.exit_code_for(written["outcome"])
     finally:
         stopper.uninstall()
-        for metrics in started_metrics:
-            metrics.close(wait=False)
         deadline.cancel()
 
 
-def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSignal, started_metrics: list) -> int:
+def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSignal) -> int:
     """Checks, then training; reports the outcome and returns the exit code."""
     metrics = None
     try:
@@ -272,7 +271,6 @@ def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSigna
             from .metrics import TrainerMetrics
 
             metrics = TrainerMetrics()
-            started_metrics.append(metrics)
             if cfg.max_steps:
                 metrics.total_steps.set(cfg.max_steps)
             port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.output_dir)
@@ -288,9 +286,7 @@ def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSigna
         return c.EXIT_CONFIG_ERROR
     except PreemptedBeforeTraining as e:
         stopper.concluding = True
-        report.refresh_checkpoint()
-        if report.checkpoint_step is not None:
-            report.step = max(report.step, report.checkpoint_step)
+        report.note_latest_checkpoint()
         msg = f"stopped by {e} before training started; nothing new to save"
         LOG.warning(msg)
         report.finish(c.OUTCOME_PREEMPTED, msg)
@@ -303,8 +299,11 @@ def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSigna
         LOG.error("training failed: %s", c.one_line(msg))
         report.finish(c.OUTCOME_ERROR, msg)
         return c.EXIT_ERROR
+    finally:
+        if metrics is not None:
+            metrics.close(wait=False)
     stopper.concluding = True
     report.finish(outcome, message)
     if rank == 0:
         LOG.info("%s: %s", outcome, message)
-    return c.OUTCOME_EXIT_CODES[outcome] if outcome != c.OUTCOME_PREEMPTED else stopper.exit_code
+    return stopper.exit_code_for(outcome)

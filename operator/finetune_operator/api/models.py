@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from ..storage import split_claim_uri
+
 # --- names fixed by docs/CONTRACTS.md -------------------------------------------------------
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -249,10 +251,11 @@ class Checkpoint(SpecModel):
             return self
         if self.claim_name is None:
             raise ValueError("resumeFrom needs claimName: the checkpoint is read from that claim")
-        if not self.resume_from.startswith(f"pvc://{self.claim_name}/"):
-            raise ValueError(f"resumeFrom must be on the job's claim: pvc://{self.claim_name}/<path>")
         if ".." in self.resume_from.split("/"):
             raise ValueError("resumeFrom must not contain '..'")
+        split = split_claim_uri(self.resume_from)
+        if split is None or split[0] != self.claim_name:
+            raise ValueError(f"resumeFrom must be on the job's claim: pvc://{self.claim_name}/<path>")
         return self
 
 

@@ -22,7 +22,6 @@ from .conditions import merge_conditions, wanted_conditions
 from .observation import Observation, PodObservation
 from .privileged import privileged_settings
 from .progress import final_progress, fold_progress, latest_checkpoint, running_checkpoint
-from .run_definition import run_fingerprint, trainer_checkpoint_dir
 from .text import one_line
 from .timing import backoff_seconds, deadline_at, resume_at, seconds_until, start_timeout_at, ttl_at
 
@@ -276,7 +275,7 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
         failed = _fail(obs, status, "InvalidSpec", obs.spec_error or "spec: missing")
         return failed, stop_pods(obs, live_pods(obs), "InvalidSpec")
     spec = obs.spec
-    if status.run_fingerprint is not None and status.run_fingerprint != run_fingerprint(spec):
+    if status.run_fingerprint is not None and status.run_fingerprint != obs.run_fingerprint:
         failed = _fail(
             obs,
             status,
@@ -396,7 +395,9 @@ def _fold_reports(obs: Observation, status: TrainingJobStatus) -> TrainingJobSta
     progress = fold_progress(status.progress, obs.progress, _now(obs)) if obs.progress else status.progress
     checkpoint = latest_checkpoint(status.checkpoint, obs.pods)
     if obs.spec is not None:
-        checkpoint = running_checkpoint(checkpoint, obs.progress, trainer_checkpoint_dir(obs.spec), _now(obs))
+        checkpoint = running_checkpoint(
+            checkpoint, obs.progress, storage.pod_checkpoint_dir(obs.spec.checkpoint.mount_path), _now(obs)
+        )
     return _update(status, progress=progress, checkpoint=checkpoint, **_storage(obs, status))
 
 
@@ -411,7 +412,7 @@ def _storage(obs: Observation, status: TrainingJobStatus) -> dict:
         out["output_path"] = storage.output_uri(claim, obs.namespace, obs.job_name, obs.uid)
         out["checkpoint_path"] = storage.checkpoints_uri(claim, obs.namespace, obs.job_name, obs.uid)
     if status.run_fingerprint is None:
-        out["run_fingerprint"] = run_fingerprint(spec)
+        out["run_fingerprint"] = obs.run_fingerprint
     return out
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from ..api.models import TrainingJobSpec, TrainingJobStatus
+from .run_definition import run_fingerprint
 
 POD_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
@@ -147,6 +149,12 @@ class Observation:
             object.__setattr__(self, "now", self.now.replace(tzinfo=timezone.utc))
         object.__setattr__(self, "unready_nodes", _node_map(self.unready_nodes))
         object.__setattr__(self, "pods", tuple(self.pods))
+
+    @cached_property
+    def run_fingerprint(self) -> str | None:
+        """The spec's run fingerprint, computed once per observation (decide() checks it
+        on every transition it runs)."""
+        return run_fingerprint(self.spec) if self.spec is not None else None
 
     def pod_name(self, attempt: int) -> str:
         return f"{self.job_name}-{attempt}"

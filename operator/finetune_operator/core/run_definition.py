@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 
-from .. import storage
 from ..api.models import RUN_CHECKPOINT_FIELDS, RUN_FIELDS, TrainingJobSpec
 
 
@@ -21,8 +19,3 @@ def run_definition(spec: TrainingJobSpec) -> dict:
 def run_fingerprint(spec: TrainingJobSpec) -> str:
     text = json.dumps(run_definition(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def trainer_checkpoint_dir(spec: TrainingJobSpec) -> str:
-    """The trainer's checkpoint directory inside the pod (the job's directory is mounted here)."""
-    return posixpath.join(spec.checkpoint.mount_path, storage.CHECKPOINTS_SUBDIR)
