@@ -1,24 +1,61 @@
 # Operator image (no torch): kopf controller for finetune.dev TrainingJobs.
-# Build from the repository root:
-#   docker build -t finetune-operator:0.1.0 .
-FROM python:3.11.13-slim-bookworm
+# Build from the repository root (context allow-list: Dockerfile.dockerignore):
+#   docker build -t finetune-operator:0.1.0 .        (pinned upstream base below)
+#   hack/build-images.sh operator                     (podman, base made from Debian packages)
+# BASE_IMAGE may be any Debian-like image with python3 >= 3.11 (tomllib) and its venv module.
+# RUN --mount needs BuildKit (the default since Docker 23) or podman/buildah.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+
+# What goes in, chosen at build time from the one definition in pyproject.toml:
+# - dependencies: [project].dependencies (what `pip install .` installs), read with tomllib
+#   in this throw-away stage, so the install layer below is rebuilt only when they change;
+# - code: finetune_operator plus the torch-free part of finetune_trainer it imports
+#   (__init__.py, contract.py). Not finetune_testbed (test harness), not the trainer itself.
+# The code lives in /opt/finetune/python, on the venv's sys.path through finetune.pth.
+FROM ${BASE_IMAGE} AS requirements
+WORKDIR /build
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], sep='\n')" > requirements.txt
+
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
-WORKDIR /opt/finetune
-COPY pyproject.toml README.md ./
-COPY operator/finetune_operator/ operator/finetune_operator/
-COPY hack/finetune_testbed/ hack/finetune_testbed/
-COPY trainer-image/finetune_trainer/ trainer-image/finetune_trainer/
-# Without the trainer extra: the operator only imports the torch-free finetune_trainer.contract.
-RUN pip install --no-cache-dir . \
-    && python -c "import finetune_operator, finetune_trainer.contract" \
-    && useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin operator
+COPY --from=requirements /build/requirements.txt /opt/finetune/requirements.txt
+# The pip cache is a build cache mount: reused by the next build, never part of the image.
+# WHEELHOUSE (default empty: install from the index): a directory holding every wheel needed;
+# pip then installs offline from it. hack/build-images.sh mounts its local one there.
+ARG WHEELHOUSE=
+RUN --mount=type=cache,id=finetune-pip,target=/root/.cache/pip \
+    python3 -m venv --system-site-packages /opt/venv \
+    && pip install --progress-bar off ${WHEELHOUSE:+--no-index --find-links "$WHEELHOUSE"} -r /opt/finetune/requirements.txt \
+    && echo /opt/finetune/python > "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/finetune.pth"
+
+COPY operator/finetune_operator/ /opt/finetune/python/finetune_operator/
+COPY trainer-image/finetune_trainer/__init__.py trainer-image/finetune_trainer/contract.py /opt/finetune/python/finetune_trainer/
+RUN python -m compileall -q /opt/finetune/python \
+    && python -c "import finetune_operator.__main__, finetune_trainer.contract" \
+    && groupadd --gid 65532 finetune-operator \
+    && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin finetune-operator
+
+# Labels last: a new revision must not invalidate the cached install layers above.
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="finetune-operator" \
+      org.opencontainers.image.description="Kubernetes operator for LoRA fine-tuning jobs (TrainingJob, finetune.dev/v1alpha1)" \
+      org.opencontainers.image.source="https://github.com/finetune-dev/finetune-operator" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 USER 65532:65532
 # 8080 metrics, 8081 health (/healthz, /readyz)
 EXPOSE 8080 8081
+# Exec form: python is PID 1 and receives the kubelet's SIGTERM itself.
 ENTRYPOINT ["python", "-m", "finetune_operator"]

@@ -13,12 +13,15 @@ export TRANSFORMERS_VERBOSITY := error
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help venv binaries tools test test-unit test-cluster test-trainer manifests check-manifests \
-        cluster-up cluster-down run install demo bench chaos lint clean
+        cluster-up cluster-down run install demo bench chaos lint clean \
+        images docker-build docker-push node-tools
 
 help:
 	@echo "make demo          - build/start a local control plane, run the operator and example jobs"
 	@echo "make test          - install everything and run the whole test suite"
-	@echo "make cluster-up    - start the local control plane in the background (prints KUBECONFIG)"
+	@echo "make cluster-up    - start the local control plane in the background (prints KUBECONFIG);"
+	@echo "                     REAL_NODE=1 adds the real node (kubelet + containerd)"
+	@echo "make images        - build the operator and trainer images with podman"
 	@echo "make cluster-down  - stop it"
 	@echo "make manifests     - regenerate crds/ from the pydantic models"
 	@echo "make run           - run the operator against the current kubeconfig"
@@ -44,14 +47,19 @@ manifests: $(STAMP)
 tools:
 	bash hack/install-tools.sh
 
-test: $(STAMP) binaries tools
+node-tools:
+	bash hack/install-tools.sh node
+
+test: $(STAMP) binaries tools images
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(VPY) -m pytest tests -m "not cluster and not trainer and not e2e" $(PYTEST_ARGS)
 
-cluster-up: $(STAMP) binaries
-	$(VPY) -m finetune_testbed up
+# REAL_NODE=1: also the real node (kubelet + containerd running the images built here).
+REAL_NODE ?= 0
+cluster-up: $(STAMP) binaries $(if $(filter 1,$(REAL_NODE)),node-tools images)
+	REAL_NODE=$(REAL_NODE) $(VPY) -m finetune_testbed up
 
 cluster-down: $(STAMP)
 	$(VPY) -m finetune_testbed down
@@ -62,7 +70,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VPY) -m finetune_operator
 
-demo: $(STAMP) binaries
+demo: $(STAMP) binaries node-tools images
 	$(VPY) -m finetune_testbed.demo
 
 # The operator as the image installs it (no extras): what RSS and CPU figures should describe.
@@ -78,6 +86,27 @@ bench: $(STAMP) $(OPVENV)/.installed binaries
 JOBS ?= 300
 chaos: $(STAMP) binaries
 	$(VPY) -m finetune_testbed.chaos --jobs $(JOBS)
+
+# Container images, built with podman (no Docker daemon): `make images` builds both on a base
+# made from Debian packages (hack/build-images.sh; BASE_IMAGE=upstream for the pinned ones).
+# docker-build / docker-push: the operator image as $(IMG), as kubebuilder projects have them;
+# with docker when its daemon answers (plain `docker build`: the pinned upstream base),
+# with podman otherwise (hack/build-images.sh operator). CONTAINER_TOOL overrides the choice.
+IMG ?= localhost/finetune-operator:dev
+CONTAINER_TOOL ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+
+images:
+	bash hack/build-images.sh all
+
+docker-build:
+	@if [ '$(CONTAINER_TOOL)' = podman ]; then \
+	  set -x; OPERATOR_IMG='$(IMG)' BASE_IMAGE='$(BASE_IMAGE)' bash hack/build-images.sh operator; \
+	else \
+	  set -x; $(CONTAINER_TOOL) build -t '$(IMG)' $(if $(BASE_IMAGE),--build-arg BASE_IMAGE='$(BASE_IMAGE)') .; \
+	fi
+
+docker-push:
+	$(CONTAINER_TOOL) push '$(IMG)'
 
 clean:
 	rm -rf $(VENV) $(OPVENV) .pytest_cache .hypothesis

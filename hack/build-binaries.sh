@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok from
+# Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kubelet and the
+# real node's pause and fake-gpu-plugin programs from
 # the pinned wrapper modules in hack/build/*. Binaries land in a cache keyed by the
 # wrapper's go.mod+go.sum, so a rebuild happens only when a pinned version changes.
 # Prints the directory holding the binaries on its last line.
@@ -9,7 +10,8 @@ cache_root=${FINETUNE_BIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-testbi
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 K8S_VERSION=v1.37.2
-key() { cat "$here/build/$1/go.mod" "$here/build/$1/go.sum" | sha256sum | cut -c1-12; }
+# A module's own Go sources (only the node module has any) are part of its key.
+key() { (cd "$here/build/$1" && cat go.mod go.sum $(find . -name '*.go' | sort)) | sha256sum | cut -c1-12; }
 
 log() { printf '[build-binaries %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -24,7 +26,7 @@ heartbeat() {  # name, start, verbose log: packages compiled so far, elapsed tim
   done
 }
 
-build_component() {  # name, output dir, packages...
+build_component() {  # name, output dir, packages... (MODULE: wrapper dir, default name)
   local name=$1 out=$2; shift 2
   if [ -f "$out/.complete" ]; then log "$name: cached in $out"; return; fi
   log "$name: building (cold: minutes on 2 cores; progress every ${PROGRESS_EVERY:-30} s)"
@@ -34,7 +36,7 @@ build_component() {  # name, output dir, packages...
   # cold Kubernetes build (12 to 14 minutes on 2 cores) is never silent.
   local vlog="$tmp.build.log"; : > "$vlog"
   heartbeat "$name" "$start" "$vlog" & local beat=$!
-  (cd "$here/build/$name" && go build -v -trimpath -tags selinux,notest \
+  (cd "$here/build/${MODULE:-$name}" && go build -v -trimpath -tags selinux,notest \
       -ldflags "-s -w ${LDFLAGS_EXTRA:-}" -o "$tmp/" "$@") 2>"$vlog" || rc=$?
   kill "$beat" 2>/dev/null; wait "$beat" 2>/dev/null || true
   if [ "$rc" != 0 ]; then
@@ -66,6 +68,17 @@ LDFLAGS_EXTRA=$(version_flags) build_component k8s "$d" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler
 dirs+=("$d")
+# The real node's kubelet (tests/e2e run trainer pods in containers under it). Same wrapper
+# module, so it reuses the control plane's compiled packages; FINETUNE_NO_KUBELET=1 skips it.
+if [ "${FINETUNE_NO_KUBELET:-0}" != 1 ]; then
+  d="$cache_root/kubelet-$(key k8s)"
+  MODULE=k8s LDFLAGS_EXTRA=$(version_flags) build_component kubelet "$d" k8s.io/kubernetes/cmd/kubelet
+  dirs+=("$d")
+  # The sandbox's pause process and a device plugin advertising nvidia.com/gpu (our own code).
+  d="$cache_root/node-$(key node)"
+  build_component node "$d" ./cmd/fake-gpu-plugin ./cmd/pause
+  dirs+=("$d")
+fi
 
 # One stable directory of links, so callers need a single path.
 bin="$cache_root/bin"; mkdir -p "$bin"

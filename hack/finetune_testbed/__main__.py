@@ -1,4 +1,5 @@
-"""`python -m finetune_testbed up|down|status|serve` — the local control plane for people.
+"""`python -m finetune_testbed up|down|status|serve` — the local control plane for people,
+with `--real-node` (REAL_NODE=1) a real node too (finetune_testbed.realnode).
 
 `up` starts a background server process that owns the components and prints the
 KUBECONFIG to use; `down` stops it (and with it every component)."""
@@ -47,16 +48,27 @@ def serve(args) -> int:
     cluster = LocalCluster(workdir, config=ClusterConfig(gpu_nodes=args.nodes,
                                                          gpus_per_node=args.gpus))
     cluster.start()
-    STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "ready": True,
-                                      "startup_seconds": round(cluster.startup_seconds, 1),
-                                      **cluster.summary()}))
+    node = None
+    extra = {}
     try:
+        if args.real_node:
+            from .realnode import RealNode
+            node = RealNode(cluster, gpus=args.real_node_gpus, workdir=workdir / "node")
+            node.start()
+            extra = {"real_node": node.name, "real_node_startup_seconds":
+                     round(node.startup_seconds, 1), "real_node_logs": str(node.log_dir)}
+        STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "ready": True,
+                                          "startup_seconds": round(cluster.startup_seconds, 1),
+                                          **cluster.summary(), **extra}))
         while not stop.wait(1.0):
-            dead = [n for n, p in cluster.procs.items() if not p.running()]
+            procs = {**cluster.procs, **(node.procs if node else {})}
+            dead = [n for n, p in procs.items() if not p.running()]
             if dead:
                 print(f"component(s) exited: {dead}; see {cluster.log_dir}", file=sys.stderr)
                 return 1
     finally:
+        if node is not None:
+            node.stop()
         cluster.stop()
         STATE_FILE.unlink(missing_ok=True)
     return 0
@@ -72,7 +84,9 @@ def up(args) -> int:
     log = open(STATE_DIR / "cluster-server.log", "ab")
     t0 = time.monotonic()
     server = subprocess.Popen([sys.executable, "-m", "finetune_testbed", "serve",
-                               "--nodes", str(args.nodes), "--gpus", str(args.gpus)],
+                               "--nodes", str(args.nodes), "--gpus", str(args.gpus),
+                               *(["--real-node"] if args.real_node else []),
+                               "--real-node-gpus", str(args.real_node_gpus)],
                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True)
     print("starting the local control plane (first run builds the binaries: see "
@@ -88,6 +102,11 @@ def up(args) -> int:
         time.sleep(0.5)
     print(f"ready in {time.monotonic() - t0:.1f}s (components {state['startup_seconds']}s); "
           f"{args.nodes} kwok GPU nodes x {args.gpus} nvidia.com/gpu", file=sys.stderr)
+    if state.get("real_node"):
+        print(f"real node {state['real_node']} (kubelet + containerd, "
+              f"{args.real_node_gpus} x nvidia.com/gpu) ready in "
+              f"{state['real_node_startup_seconds']}s; logs in {state['real_node_logs']}",
+              file=sys.stderr)
     print(f"export KUBECONFIG={state['kubeconfig']}")
     return 0
 
@@ -124,6 +143,11 @@ def main(argv=None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--nodes", type=int, default=int(os.environ.get("GPU_NODES", 4)))
         p.add_argument("--gpus", type=int, default=int(os.environ.get("GPUS_PER_NODE", 8)))
+        p.add_argument("--real-node", action="store_true",
+                       default=os.environ.get("REAL_NODE", "0") not in ("", "0"),
+                       help="also start the real node (kubelet + containerd; REAL_NODE=1)")
+        p.add_argument("--real-node-gpus", type=int,
+                       default=int(os.environ.get("REAL_NODE_GPUS", 2)))
         p.set_defaults(fn=fn)
     sub.add_parser("down").set_defaults(fn=down)
     sub.add_parser("status").set_defaults(fn=status)

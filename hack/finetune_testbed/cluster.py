@@ -140,6 +140,10 @@ class LocalCluster:
             f"--default-unreachable-toleration-seconds={self.config.not_ready_toleration_seconds}",
             "--enable-admission-plugins=NodeRestriction", "--profiling=false",
             "--event-ttl=1h",
+            # The real node's kubelet API (kubectl logs/exec): verified both ways with our CA.
+            f"--kubelet-client-certificate={p.admin_cert}", f"--kubelet-client-key={p.admin_key}",
+            f"--kubelet-certificate-authority={p.ca_cert}",
+            "--kubelet-preferred-address-types=InternalIP",
         ]
         if self.config.no_limits:
             args += ["--max-requests-inflight=0", "--max-mutating-requests-inflight=0",

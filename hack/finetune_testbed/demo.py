@@ -1,7 +1,7 @@
 """`make demo`: the whole product on one machine, no Docker, no GPU.
 
-Starts the local control plane (kwok GPU nodes), a local node that runs pods as processes,
-the operator; applies examples/demo/ (a tiny model fine-tuned for real, simulated GPU jobs);
+Starts the local control plane (kwok GPU nodes), a real node (kubelet + containerd) that
+runs the trainer image, the operator; applies examples/demo/ (a tiny model fine-tuned for real, simulated GPU jobs);
 drains the node of one simulated job mid-run and evicts the real one mid-run; shows a live
 `kubectl get tj` until everything settles; prints a summary. Ctrl-C stops everything."""
 from __future__ import annotations
@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
-import string
 import sys
 import time
 from pathlib import Path
 
 from .cluster import REPO, LocalCluster
-from .localnode import LocalNode
 from .operator_proc import OperatorProcess
-from .realjob import LOCAL_NODE_ARGS, prepare_assets
+from .realjob import ASSETS_CLAIM, prepare_assets
+from .realnode import RealNode
 
 NS = "demo"
 EXAMPLES = REPO / "examples" / "demo"
@@ -35,7 +35,7 @@ class Demo:
         self.state = state
         self.cluster: LocalCluster | None = None
         self.operator: OperatorProcess | None = None
-        self.local: LocalNode | None = None
+        self.node: RealNode | None = None
         self.drained_node: str | None = None
         self.evicted = False
 
@@ -48,24 +48,27 @@ class Demo:
             f"scheduler, controller-manager, kwok with {self.cluster.config.gpu_nodes} GPU nodes")
         self.kubectl("apply", "-f", str(REPO / "crds"))
         self.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev")
-        # No wipe of the node directory is needed: each job writes under its own uid
-        # (trainingjobs/<ns>/<name>/<uid>), so an earlier demo's checkpoints are never resumed.
-        self.local = LocalNode(self.cluster.kubeconfig, gpus=1, extra_args=LOCAL_NODE_ARGS,
-                               workdir=self.state / "localnode")
-        self.local.start()
-        say("local node local-0 ready (runs pods as processes; a development stand-in for kubelet)")
+        say("starting the real node (kubelet, containerd, runc, CNI bridge; the trainer image "
+            "is imported into containerd: a few minutes the first time)")
+        # The node's directory (claims, pod logs) outlives the demo for a look at the adapter;
+        # the next demo starts it afresh.
+        shutil.rmtree(self.state / "node", ignore_errors=True)
+        self.node = RealNode(self.cluster, gpus=1, workdir=self.state / "node")
+        self.node.start()
+        say(f"real node {self.node.name} ready in {self.node.startup_seconds:.1f}s "
+            "(containerd://, 1 x nvidia.com/gpu from the fake device plugin)")
         self.operator = OperatorProcess(self.cluster.kubeconfig, self.cluster.log_dir)
         self.operator.start()
         say(f"operator running (pid {self.operator.pid}), metrics at {self.operator.metrics_url}")
         say("building a tiny random Llama and a dataset on disk (no model hub)")
-        model, dataset = prepare_assets(self.state / "assets")
+        assets = prepare_assets(self.state / "assets")
         self.kubectl("create", "namespace", NS)
         self.wait(lambda: self.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0,
                   60)
-        self.local.create_pvc(NS, "tiny-llama-ckpt")
+        self.node.create_pvc(NS, ASSETS_CLAIM, path=assets)
+        self.node.create_pvc(NS, "tiny-llama-ckpt")
         for path in sorted(EXAMPLES.glob("*.yaml")):
-            text = string.Template(path.read_text()).safe_substitute(MODEL=model, DATASET=dataset)
-            self.cluster.kubectl("apply", "-n", NS, "-f", "-", input=text)
+            self.cluster.kubectl("apply", "-n", NS, "-f", str(path))
             say(f"applied examples/demo/{path.name}")
 
     def kubectl(self, *args, check=True, input=None):
@@ -162,25 +165,25 @@ class Demo:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         real = (jobs.get(EVICTED) or {}).get("status") or {}
-        output = self.local.uri_dir(NS, real.get("outputPath") or "")
+        output = self.node.uri_dir(NS, real.get("outputPath") or "")
         adapter = output / "adapter_model.safetensors" if output is not None else None
         lines += ["",
                   f"operator metrics:  {self.operator.metrics_url}  (finetune_operator_*)",
                   "trainer metrics:   podIP:9400/metrics while a trainer runs (finetune_trainer_*)",
-                  f"trainer logs:      {self.local.workdir / 'logs'}",
+                  f"trainer logs:      {self.node.workdir / 'pod-logs'}",
                   f"final adapter:     {real.get('outputPath') or '(none)'}",
                   f"  on this machine: {adapter if adapter is not None and adapter.exists() else '(none)'}"]
         return "\n".join(lines)
 
     def stop(self) -> None:
-        for part in (self.local, self.operator):
+        for part in (self.operator,):
             if part is not None:
                 try:
                     part.stop()
                 except Exception as exc:  # noqa: BLE001
                     say(f"stopping {type(part).__name__}: {exc}")
-        if self.local is not None:
-            self.local.cleanup()
+        if self.node is not None:
+            self.node.stop()
         if self.cluster is not None:
             self.cluster.cleanup()
 

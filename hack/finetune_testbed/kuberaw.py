@@ -1,8 +1,8 @@
 """A thin dict-in, dict-out layer over the `kubernetes` client's transport.
 
-The local node agent speaks to the API server with plain JSON: the typed models of the
-generated client are strict and slow to (de)serialise, and the agent needs exact control
-over patch content types, DeleteOptions and watch streams. Authentication, TLS and the
+The test bed (real node, chaos, reliability tests) speaks to the API server with plain
+JSON: the typed models of the generated client are strict and slow to (de)serialise, and
+fault injection needs exact control over patch content types, DeleteOptions and watches. Authentication, TLS and the
 kubeconfig handling all come from `kubernetes.config` / `kubernetes.client.ApiClient`."""
 from __future__ import annotations
 

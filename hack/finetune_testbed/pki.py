@@ -1,5 +1,6 @@
 """Throw-away PKI for a local control plane: one CA, a serving cert, an admin client
-cert and the service-account signing key pair. Valid for a week; never reused."""
+cert, the service-account signing key pair, and the real node's kubelet certificates (its
+client identity system:node:<name> and its serving cert). Valid for a week; never reused."""
 from __future__ import annotations
 
 import datetime as dt
@@ -13,6 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = dt.timedelta(days=7)
+# The test bed's one real node (kubelet + containerd): its name and the address it serves
+# on, the gateway of its pod bridge (finetune_testbed.realnode).
+REAL_NODE_NAME = "real-0"
+REAL_NODE_IP = "10.244.0.1"
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,10 @@ class Pki:
     admin_key: Path
     sa_key: Path
     sa_pub: Path
+    node_cert: Path
+    node_key: Path
+    kubelet_serving_cert: Path
+    kubelet_serving_key: Path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -81,17 +90,33 @@ def generate(directory: Path) -> Pki:
     admin_key = _key()
     admin = _sign(_name("admin", "system:masters"), admin_key, ca_name, ca_key, is_ca=False,
                   usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    # Node authorizer + NodeRestriction identify a kubelet by this name and group.
+    node_key = _key()
+    node = _sign(_name(f"system:node:{REAL_NODE_NAME}", "system:nodes"), node_key, ca_name,
+                 ca_key, is_ca=False, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    kubelet_key = _key()
+    kubelet = _sign(_name(REAL_NODE_NAME), kubelet_key, ca_name, ca_key, is_ca=False,
+                    usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+                    sans=[x509.IPAddress(ipaddress.ip_address(REAL_NODE_IP)),
+                          x509.DNSName(REAL_NODE_NAME)])
     sa_key = _key()
     pki = Pki(ca_cert=directory / "ca.crt", serving_cert=directory / "apiserver.crt",
               serving_key=directory / "apiserver.key", admin_cert=directory / "admin.crt",
               admin_key=directory / "admin.key", sa_key=directory / "sa.key",
-              sa_pub=directory / "sa.pub")
+              sa_pub=directory / "sa.pub", node_cert=directory / "node.crt",
+              node_key=directory / "node.key", kubelet_serving_cert=directory / "kubelet.crt",
+              kubelet_serving_key=directory / "kubelet.key")
     _write_cert(pki.ca_cert, ca)
     _write_cert(pki.serving_cert, serving)
     _write_key(pki.serving_key, serving_key)
     _write_cert(pki.admin_cert, admin)
     _write_key(pki.admin_key, admin_key)
     _write_key(pki.sa_key, sa_key)
+    for cert_path, key_path, cert, key in ((pki.node_cert, pki.node_key, node, node_key),
+                                           (pki.kubelet_serving_cert, pki.kubelet_serving_key,
+                                            kubelet, kubelet_key)):
+        _write_cert(cert_path, cert)
+        _write_key(key_path, key)
     pki.sa_pub.write_bytes(sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     # The CA key is deliberately not written: nothing else may mint certs.

@@ -5,6 +5,7 @@ denies something the operator needs, instead of running and silently doing nothi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -27,10 +28,22 @@ from .watch_gaps import keep_auditing
 log = logging.getLogger("finetune.operator")
 
 
+def in_cluster_server(env=os.environ) -> str | None:
+    """The API server as client-go's in-cluster config finds it: KUBERNETES_SERVICE_HOST and
+    _PORT, which the kubelet sets in every container. kopf alone always uses
+    https://kubernetes.default.svc, which needs cluster DNS and port 443."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 async def login() -> kopf.ConnectionInfo:
     settings = kopf.OperatorSettings()
-    info = kopf.login_with_service_account(settings=settings) or \
-        kopf.login_with_kubeconfig(settings=settings)
+    info = kopf.login_with_service_account(settings=settings)
+    if info is not None and (server := in_cluster_server()):
+        info = dataclasses.replace(info, server=server)
+    info = info or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise PreflightError("no Kubernetes credentials: neither an in-cluster service account "
                              "nor a kubeconfig (KUBECONFIG or ~/.kube/config) was found")

@@ -1,5 +1,7 @@
-"""End to end: local control plane, the operator, the local node agent running the real
-trainer on a tiny model. Interruptions are injected the way a cluster produces them."""
+"""End to end: local control plane, the operator, a real node (kubelet + containerd + runc)
+running the trainer image on a tiny model. Interruptions are injected the way a cluster
+produces them: the Eviction API, a SIGKILL or SIGSTOP of the container's process; the kubelet
+delivers SIGTERM and reads the termination message."""
 from __future__ import annotations
 
 import json
@@ -10,33 +12,20 @@ import psutil
 import pytest
 
 from finetune_testbed.jobs import Jobs
-from finetune_testbed.localnode import LocalNode
 from finetune_testbed.procs import wait_for
-from finetune_testbed.realjob import LOCAL_NODE_ARGS, prepare_assets, real_job
+from finetune_testbed.realjob import real_job
+from finetune_testbed.realnode import RealNode
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return prepare_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture(scope="module")
-def local_node(cluster, crd):
-    node = LocalNode(cluster.kubeconfig, gpus=2, extra_args=LOCAL_NODE_ARGS)
-    node.start()
-    yield node
-    node.cleanup()
-
-
 @pytest.fixture
-def run(cluster, namespace, live_operator, local_node, assets):
+def run(cluster, namespace, live_operator, claims):
     jobs = Jobs(cluster, namespace)
 
     def start(name, **kw):
-        local_node.create_pvc(namespace, f"{name}-ckpt")
-        jobs.apply(real_job(name, *assets, claim=f"{name}-ckpt", **kw))
+        claims(f"{name}-ckpt")
+        jobs.apply(real_job(name, claim=f"{name}-ckpt", **kw))
         return jobs
     return start
 
@@ -47,16 +36,15 @@ def termination(jobs, pod_name) -> dict:
     return json.loads(term["message"])
 
 
-def trainer_process(jobs, pod_name: str) -> psutil.Process:
-    """The pod's trainer process, from the container ID the node reports
-    (`localnode://<node>/<pid>`): the node's own record, not a scan of every process."""
+def trainer_process(jobs, node: RealNode, pod_name: str) -> psutil.Process:
+    """The pod's trainer process on this machine, from the container ID the kubelet reports:
+    the runtime's own record, not a scan of every process."""
     def find():
         pods = [p for p in jobs.pods(pod_name.rsplit("-", 1)[0]) if p["metadata"]["name"] == pod_name]
         statuses = (pods[0].get("status") or {}).get("containerStatuses") or [] if pods else []
         if not statuses or "running" not in (statuses[0].get("state") or {}):
             return None
-        pid = int(statuses[0]["containerID"].rsplit("/", 1)[1])
-        proc = psutil.Process(pid)
+        proc = psutil.Process(node.container_pid(statuses[0]["containerID"]))
         assert proc.environ().get("HOSTNAME") == pod_name, proc.environ().get("HOSTNAME")
         assert "finetune_trainer" in " ".join(proc.cmdline()), proc.cmdline()
         return proc
@@ -68,7 +56,7 @@ def wait_step(jobs, name, step, timeout=120):
                      timeout, f"{name} at step {step}")
 
 
-def test_real_training_succeeds_with_progress_and_adapter(run, local_node, namespace, cluster):
+def test_real_training_succeeds_with_progress_and_adapter(run, real_node, namespace, cluster):
     jobs = run("tiny", max_steps=30)
     wait_step(jobs, "tiny", 3)
     row = cluster.kubectl("get", "tj", "tiny", "-n", namespace).stdout.splitlines()[1]
@@ -76,7 +64,7 @@ def test_real_training_succeeds_with_progress_and_adapter(run, local_node, names
     status = jobs.wait_phase("tiny", "Succeeded", 180)
     assert status["attempt"] == 1 and status["progress"]["step"] == 30
     assert status["progress"]["loss"] > 0
-    adapters = list(local_node.pvc_dir(namespace, "tiny-ckpt").rglob("adapter_model.safetensors"))
+    adapters = list(real_node.pvc_dir(namespace, "tiny-ckpt").rglob("adapter_model.safetensors"))
     assert any("output" in str(p) and "checkpoint-" not in str(p) for p in adapters), adapters
     assert termination(jobs, "tiny-1")["outcome"] == "completed"
 
@@ -99,10 +87,10 @@ def test_evicted_mid_run_resumes_from_its_checkpoint(run, kube, api_client, name
     assert termination(jobs, "evicted-2")["resumedFrom"] == saved  # not from zero
 
 
-def test_sigkilled_trainer_resumes_from_last_saved_checkpoint(run, namespace):
+def test_sigkilled_trainer_resumes_from_last_saved_checkpoint(run, real_node, namespace):
     jobs = run("killed", max_steps=40)
     wait_step(jobs, "killed", 12)
-    trainer_process(jobs, "killed-1").send_signal(signal.SIGKILL)
+    trainer_process(jobs, real_node, "killed-1").send_signal(signal.SIGKILL)
     status = jobs.wait_phase("killed", "Succeeded", 240)
     assert status["attempt"] == 2 and status["failures"] == 1
     assert status["lastInterruption"]["exitCode"] == 137
@@ -110,11 +98,11 @@ def test_sigkilled_trainer_resumes_from_last_saved_checkpoint(run, namespace):
     assert resumed is not None and resumed >= 10 and resumed % 5 == 0
 
 
-def test_frozen_trainer_is_detected_as_stalled_and_restarted(run, namespace):
+def test_frozen_trainer_is_detected_as_stalled_and_restarted(run, real_node, namespace):
     jobs = run("frozen", max_steps=60, run_policy={"stallTimeoutSeconds": 8,
                                                     "terminationGracePeriodSeconds": 3})
     wait_step(jobs, "frozen", 12)
-    proc = trainer_process(jobs, "frozen-1")
+    proc = trainer_process(jobs, real_node, "frozen-1")
     proc.send_signal(signal.SIGSTOP)
     try:
         status = jobs.wait("frozen", lambda s: s.get("attempt") == 2, 120, "restart after stall")
@@ -130,15 +118,15 @@ def test_frozen_trainer_is_detected_as_stalled_and_restarted(run, namespace):
 
 
 def test_jobs_sharing_a_claim_keep_their_own_files_and_start_only_from_what_they_name(
-        cluster, namespace, live_operator, local_node, assets):
+        cluster, namespace, live_operator, real_node, claims):
     """Two jobs on one claim both succeed with separate adapters and neither resumes the
     other; a job deleted and re-created under the same name starts from step 0; a job that
     names an earlier run's checkpoint in checkpoint.resumeFrom starts from exactly that."""
     jobs = Jobs(cluster, namespace)
-    local_node.create_pvc(namespace, "team-ckpt")
+    claims("team-ckpt")
 
     def job(name, **checkpoint):
-        manifest = real_job(name, *assets, claim="team-ckpt", max_steps=10, step_delay=0.1)
+        manifest = real_job(name, claim="team-ckpt", max_steps=10, step_delay=0.1)
         manifest["spec"]["checkpoint"].update(checkpoint)
         return manifest
 
@@ -148,7 +136,7 @@ def test_jobs_sharing_a_claim_keep_their_own_files_and_start_only_from_what_they
     assert first["share-a"]["outputPath"] != first["share-b"]["outputPath"]
     for name, status in first.items():
         assert termination(jobs, f"{name}-1")["resumedFrom"] is None, name  # neither resumed the other
-        assert (local_node.uri_dir(namespace, status["outputPath"]) / "adapter_model.safetensors").is_file()
+        assert (real_node.uri_dir(namespace, status["outputPath"]) / "adapter_model.safetensors").is_file()
         assert f"adapter in {status['outputPath']}" in status["message"]
         assert status["checkpoint"]["step"] == 10
 
@@ -175,3 +163,16 @@ def test_slow_model_load_is_not_a_stall(run, namespace):
                env={"FT_DEBUG_LOAD_DELAY": "10"})
     status = jobs.wait_phase("slowload", "Succeeded", 240)
     assert (status["attempt"], status["resumes"], status["failures"]) == (1, 0, 0), status
+
+
+def test_real_node_runs_containerd_next_to_the_kwok_nodes(cluster, real_node):
+    rows = [line.split() for line in
+            cluster.kubectl("get", "nodes", "-o", "wide", "--no-headers").stdout.splitlines()]
+    by_name = {row[0]: row for row in rows}
+    real = by_name[real_node.name]
+    assert real[1] == "Ready" and real[5] == real_node.ip, real
+    assert real[-1].startswith("containerd://"), real  # CONTAINER-RUNTIME, from the kubelet
+    kwok_nodes = cluster.get_json("nodes", "-l", "type=kwok")["items"]
+    assert kwok_nodes and all(n["metadata"]["name"] in by_name for n in kwok_nodes)
+    node = cluster.get_json("node", real_node.name)
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == str(real_node.gpus)  # device plugin
