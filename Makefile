@@ -50,7 +50,9 @@ tools:
 node-tools:
 	bash hack/install-tools.sh node
 
-test: $(STAMP) binaries tools images
+# The Go builds (CPU-bound) and the image builds (downloads, unpacking, layer writes) overlap.
+test: $(STAMP) tools
+	$(MAKE) --no-print-directory -j2 binaries images
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)

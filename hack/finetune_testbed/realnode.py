@@ -24,6 +24,7 @@ Choices (docs/TESTBED.md, "The real node"):
   imported again by the next run (the podman image ID is recorded per reference)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +72,29 @@ def run(*argv: str, check: bool = True, timeout: float = 600, **kw) -> subproces
         raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): "
                            f"{(res.stderr or res.stdout).strip()[-2000:]}")
     return res
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, archive: Path, every: float = 30.0):
+    """A line every `every` seconds while a long step runs (no silent minutes)."""
+    done, t0 = threading.Event(), time.monotonic()
+
+    def beat():
+        while not done.wait(every):
+            size = archive.stat().st_size / 2**20 if archive.exists() else 0.0
+            say(f"{what}: still running, {time.monotonic() - t0:.0f}s, archive {size:.0f} MiB")
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _ours(path: str) -> bool:
+    """A path of some test-bed node: a default workdir (/tmp/ftnode-*) or one under .state/."""
+    return "/ftnode-" in path or "/.state/" in path
 
 
 def missing_tools() -> list[str]:
@@ -150,7 +175,19 @@ class RealNode:
         return self
 
     def _sweep_leftovers(self) -> None:
-        """What a killed earlier run left: its bridge and the device-plugin sockets."""
+        """What a killed earlier run left (we hold the node lock, so no other real node is
+        alive): container shims outlive containerd and keep their containers running; mounts
+        and network namespaces outlive the kubelet; the bridge and plugin sockets remain."""
+        import psutil
+        for shim in psutil.process_iter(["name", "cmdline"]):
+            argv = shim.info["cmdline"] or []
+            if shim.info["name"] == "containerd-shim-runc-v2" and "-address" in argv and \
+                    _ours(argv[argv.index("-address") + 1] if argv[-1] != "-address" else ""):
+                say(f"stopping a container shim left by an earlier run (pid {shim.pid})")
+                for proc in [*shim.children(recursive=True), shim]:
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+        self._unmount_all(everything_ours=True)
         run("ip", "link", "del", BRIDGE, check=False)
         if PLUGIN_DIR.is_dir():
             for sock in PLUGIN_DIR.glob("*.sock"):
@@ -250,11 +287,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if mark.exists() and mark.read_text() == image_id and ref in present:
                 continue
             t0 = time.monotonic()
-            say(f"importing {ref} into containerd (podman save | ctr import)")
+            say(f"importing {ref} into containerd (podman save | ctr import; the trainer "
+                "image is ~5 GB: minutes, progress every 30 s)")
             archive = self.workdir / "image.tar"
-            run("podman", "save", "--format", "docker-archive", "-o", str(archive), ref,
-                timeout=1200)
-            self.ctr("images", "import", "--no-unpack=false", str(archive), timeout=1200)
+            with heartbeat(f"importing {ref}", archive):
+                run("podman", "save", "--format", "docker-archive", "-o", str(archive), ref,
+                    timeout=1200)
+                self.ctr("images", "import", str(archive), timeout=1200)
             archive.unlink()
             mark.write_text(image_id)
             say(f"imported {ref} in {time.monotonic() - t0:.0f}s")
@@ -373,6 +412,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 self.ctr("tasks", "kill", "-s", "SIGKILL", "--all", task, check=False)
             for task in tasks:
                 self.ctr("tasks", "delete", "--force", task, check=False)
+            # The content store outlives the node: containers left in it would pin the
+            # snapshots of images replaced since (containerd collects the rest on start).
+            containers = self.ctr("containers", "ls", "-q", check=False).stdout.split()
+            if containers:
+                self.ctr("containers", "rm", *containers, check=False)
             self.procs["containerd"].stop()
         self._unmount_all()
         run("ip", "link", "del", BRIDGE, check=False)
@@ -384,11 +428,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self._lock.close()
             self._lock = None
 
-    def _unmount_all(self) -> None:
-        """Volume, netns and rootfs mounts under this node's directories, deepest first."""
+    def _unmount_all(self, everything_ours: bool = False) -> None:
+        """Volume, netns and rootfs mounts under this node's directories (with
+        `everything_ours`, under any test-bed node's), deepest first."""
         roots = (str(self.workdir), str(CACHE / "containerd"), "/run/netns/cni-", "/var/run/netns/cni-")
         mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-        for target in sorted({m for m in mounts if m.startswith(roots)}, key=len, reverse=True):
+        stale = {m for m in mounts if m.startswith(roots) or (everything_ours and _ours(m))}
+        for target in sorted(stale, key=len, reverse=True):
             run("umount", "-l", target, check=False)
         for ns_file in list(Path("/run/netns").glob("cni-*")) if Path("/run/netns").is_dir() else []:
             ns_file.unlink(missing_ok=True)

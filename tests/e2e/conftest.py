@@ -1,5 +1,6 @@
 """The real node (kubelet + containerd + runc + CNI, fake-gpu-plugin) shared by the
-end-to-end tests: started once per session, after the images are built."""
+end-to-end tests: started once for this package (tests/e2e has an __init__.py for that), and
+stopped when its last test is done, so it neither idles through nor disturbs the rest."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +9,12 @@ from finetune_testbed.realjob import ASSETS_CLAIM, prepare_assets
 from finetune_testbed.realnode import OPERATOR_IMAGE, TRAINER_IMAGE, RealNode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def assets(tmp_path_factory):
     return prepare_assets(tmp_path_factory.mktemp("assets"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def real_node(cluster, crd):
     node = RealNode(cluster, gpus=2, images=(TRAINER_IMAGE, OPERATOR_IMAGE))
     node.start()

@@ -158,9 +158,10 @@ def test_jobs_sharing_a_claim_keep_their_own_files_and_start_only_from_what_they
 
 
 def test_slow_model_load_is_not_a_stall(run, namespace):
-    """Loading takes longer than stallTimeoutSeconds: the stall clock starts at the first step."""
-    jobs = run("slowload", max_steps=8, run_policy={"stallTimeoutSeconds": 3},
-               env={"FT_DEBUG_LOAD_DELAY": "10"})
+    """Loading takes longer than stallTimeoutSeconds: the stall clock starts at the first step.
+    (6 s leaves room for a checkpoint save on a loaded 2-core machine; 3 s once did not.)"""
+    jobs = run("slowload", max_steps=8, run_policy={"stallTimeoutSeconds": 6},
+               env={"FT_DEBUG_LOAD_DELAY": "15"})
     status = jobs.wait_phase("slowload", "Succeeded", 240)
     assert (status["attempt"], status["resumes"], status["failures"]) == (1, 0, 0), status
 
