@@ -53,7 +53,10 @@ def serve(args) -> int:
     try:
         if args.real_node:
             from .realnode import RealNode
-            node = RealNode(cluster, gpus=args.real_node_gpus, workdir=workdir / "node")
+            # Beside the cluster's directory, not in it: the rmtree above must never meet
+            # the mounts a killed node left (RealNode sweeps them before emptying its own).
+            node = RealNode(cluster, gpus=args.real_node_gpus, workdir=STATE_DIR / "node",
+                            fresh=True)
             node.start()
             extra = {"real_node": node.name, "real_node_startup_seconds":
                      round(node.startup_seconds, 1), "real_node_logs": str(node.log_dir)}

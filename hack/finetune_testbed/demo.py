@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -52,8 +51,7 @@ class Demo:
             "is imported into containerd: a few minutes the first time)")
         # The node's directory (claims, pod logs) outlives the demo for a look at the adapter;
         # the next demo starts it afresh.
-        shutil.rmtree(self.state / "node", ignore_errors=True)
-        self.node = RealNode(self.cluster, gpus=1, workdir=self.state / "node")
+        self.node = RealNode(self.cluster, gpus=1, workdir=self.state / "node", fresh=True)
         self.node.start()
         say(f"real node {self.node.name} ready in {self.node.startup_seconds:.1f}s "
             "(containerd://, 1 x nvidia.com/gpu from the fake device plugin)")

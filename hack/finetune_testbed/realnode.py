@@ -108,12 +108,13 @@ class RealNode:
     it); a second start on this machine waits for the first node to stop (file lock)."""
 
     def __init__(self, cluster, gpus: int = 2, workdir: Path | None = None,
-                 images: tuple[str, ...] = (TRAINER_IMAGE,)):
+                 images: tuple[str, ...] = (TRAINER_IMAGE,), fresh: bool = False):
         self.cluster = cluster
         self.name, self.ip, self.gpus = REAL_NODE_NAME, REAL_NODE_IP, gpus
         # Unix socket paths are limited to 108 bytes: keep the directory short.
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ftnode-", dir="/tmp")).resolve()
         self.images = images
+        self.fresh = fresh  # empty a reused workdir (after unmounting what a killed run left)
         self.procs: dict[str, Proc] = {}
         self._lock = None
         self._kube: Kube | None = None
@@ -156,9 +157,11 @@ class RealNode:
         CACHE.mkdir(parents=True, exist_ok=True)
         self._lock = open(CACHE / "node.lock", "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # one real node per machine (fixed plugin socket)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._sweep_leftovers()
+            if self.fresh:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             self._bridge()
             self._start_containerd()
             self._import_images()
