@@ -267,8 +267,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _pause_image(self) -> None:
         """FROM scratch + our static pause program: nothing to pull."""
-        from .cluster import build_binaries
-        binary = build_binaries() / "pause"
+        binary = self.cluster.bin_dir / "pause"
         ctx = self.workdir / "pause-image"
         ctx.mkdir(exist_ok=True)
         shutil.copy2(binary.resolve(), ctx / "pause")
@@ -303,7 +302,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     # ---- kubelet -------------------------------------------------------------------------
     def _start_kubelet(self) -> None:
-        from .cluster import build_binaries
         p = self.cluster.pki
         kubeconfig = self.workdir / "kubelet.kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
@@ -338,7 +336,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "nodeStatusUpdateFrequency": "4s", "syncFrequency": "10s",
         }))
         self.procs["kubelet"] = proc = Proc("kubelet", [
-            str(build_binaries() / "kubelet"), f"--config={config}",
+            str(self.cluster.bin_dir / "kubelet"), f"--config={config}",
             f"--kubeconfig={kubeconfig}", f"--root-dir={self.workdir / 'kubelet'}",
             f"--cert-dir={self.workdir / 'kubelet-pki'}", f"--hostname-override={self.name}",
             f"--node-ip={self.ip}", f"--node-labels={LABEL}=true",
@@ -347,12 +345,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         proc.start()
 
     def _start_device_plugin(self) -> None:
-        from .cluster import build_binaries
         PLUGIN_DIR.mkdir(parents=True, exist_ok=True)
         wait_for(lambda: (PLUGIN_DIR / "kubelet.sock").exists(), 90,
                  "the kubelet's device-plugin socket", procs=[self.procs["kubelet"]])
         self.procs["fake-gpu-plugin"] = proc = Proc("fake-gpu-plugin", [
-            str(build_binaries() / "fake-gpu-plugin"), f"--plugin-dir={PLUGIN_DIR}",
+            str(self.cluster.bin_dir / "fake-gpu-plugin"), f"--plugin-dir={PLUGIN_DIR}",
             f"--count={self.gpus}"], self.log_dir)
         proc.start()
 
