@@ -6,16 +6,17 @@
 # RUN --mount needs BuildKit (the default since Docker 23) or podman/buildah.
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
-# What goes in, chosen at build time from the one definition in pyproject.toml:
-# - dependencies: [project].dependencies (what `pip install .` installs), read with tomllib
-#   in this throw-away stage, so the install layer below is rebuilt only when they change;
-# - code: finetune_operator plus the torch-free part of finetune_trainer it imports
-#   (__init__.py, contract.py). Not finetune_testbed (test harness), not the trainer itself.
+# What goes in, chosen at build time from the one definition in operator/pyproject.toml:
+# - dependencies: its [project].dependencies, read with tomllib in this throw-away stage (so
+#   the install layer below is rebuilt only when they change), less the local finetune-*
+#   distributions, which are copied as code;
+# - code: finetune_operator and finetune_contract (the torch-free trainer contract). Not the
+#   trainer, not finetune_testbed (the test bed).
 # The code lives in /opt/finetune/python, on the venv's sys.path through finetune.pth.
 FROM ${BASE_IMAGE} AS requirements
 WORKDIR /build
-COPY pyproject.toml ./
-RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], sep='\n')" > requirements.txt
+COPY operator/pyproject.toml ./
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*(d for d in p['dependencies'] if not d.startswith('finetune-')), sep='\n')" > requirements.txt
 
 FROM ${BASE_IMAGE}
 
@@ -35,10 +36,10 @@ RUN --mount=type=cache,id=finetune-pip,target=/root/.cache/pip \
     && pip install --progress-bar off ${WHEELHOUSE:+--no-index --find-links "$WHEELHOUSE"} -r /opt/finetune/requirements.txt \
     && echo /opt/finetune/python > "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/finetune.pth"
 
+COPY trainer-image/contract/finetune_contract/ /opt/finetune/python/finetune_contract/
 COPY operator/finetune_operator/ /opt/finetune/python/finetune_operator/
-COPY trainer-image/finetune_trainer/__init__.py trainer-image/finetune_trainer/contract.py /opt/finetune/python/finetune_trainer/
 RUN python -m compileall -q /opt/finetune/python \
-    && python -c "import finetune_operator.__main__, finetune_trainer.contract" \
+    && python -c "import finetune_operator.__main__" \
     && groupadd --gid 65532 finetune-operator \
     && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin finetune-operator
 

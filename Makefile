@@ -28,10 +28,14 @@ help:
 	@echo "make install       - apply the CRD to the current kubeconfig"
 	@echo "make bench / chaos - benchmark and chaos runs"
 
-$(STAMP): pyproject.toml
+# One repository, four distributions (pyproject.toml lists them); one pip run resolves the
+# local ones by name.
+PACKAGES := trainer-image/contract operator trainer-image hack
+PYPROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
+$(STAMP): $(PYPROJECTS)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[trainer,dev]'
+	$(VPY) -m pip install -q $(addprefix -e ,$(PACKAGES)) -e .
 	touch $@
 
 venv: $(STAMP)
@@ -77,9 +81,9 @@ demo: $(STAMP) binaries node-tools images
 
 # The operator as the image installs it (no extras): what RSS and CPU figures should describe.
 OPVENV := .venv-operator
-$(OPVENV)/.installed: pyproject.toml
+$(OPVENV)/.installed: trainer-image/contract/pyproject.toml operator/pyproject.toml
 	test -x $(OPVENV)/bin/python || $(PY) -m venv $(OPVENV)
-	$(OPVENV)/bin/python -m pip install -q -e .
+	$(OPVENV)/bin/python -m pip install -q -e trainer-image/contract -e operator
 	touch $@
 
 bench: $(STAMP) $(OPVENV)/.installed binaries

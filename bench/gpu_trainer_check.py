@@ -59,7 +59,7 @@ def _timer():
 
 
 def run_ours(a, workdir: str) -> dict:
-    from finetune_trainer import contract as c
+    import finetune_contract as c
     from finetune_trainer import data as d
     from finetune_trainer import training
     from finetune_trainer.metrics import TrainerMetrics
@@ -132,7 +132,7 @@ def run_plain(a, workdir: str) -> dict:
 
 def synthetic_dataset(path: str, n: int, seq_len: int) -> None:
     """Texts longer than seq_len tokens, so every example is exactly seq_len tokens in both runs."""
-    from finetune_trainer.testing import WORDS
+    from finetune_testbed.trainer_fixtures import WORDS
 
     rng = random.Random(0)
     with open(path, "w", encoding="utf-8") as fh:

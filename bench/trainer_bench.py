@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from finetune_trainer.testing import quiet_offline_env  # noqa: E402
+from finetune_testbed.trainer_fixtures import quiet_offline_env  # noqa: E402
 
 quiet_offline_env()
 
@@ -58,7 +58,7 @@ def _step_timer():
 
 def one_run(tmp: Path, model: str, data: str, steps: int, with_metrics: bool) -> float:
     """Seconds per step (median-free mean over steps after warm-up) of one in-process run."""
-    from finetune_trainer import contract as c
+    import finetune_contract as c
     from finetune_trainer import data as d
     from finetune_trainer import training
     from finetune_trainer.metrics import TrainerMetrics
@@ -94,7 +94,7 @@ def one_run(tmp: Path, model: str, data: str, steps: int, with_metrics: bool) ->
 
 def sigterm_to_exit(tmp: Path, model: str, data: str) -> tuple[float, int, int]:
     """(seconds from SIGTERM to process exit, exit code, checkpoint step)."""
-    from finetune_trainer import contract as c
+    import finetune_contract as c
 
     out = Path(tempfile.mkdtemp(dir=tmp))
     env = {
@@ -129,7 +129,7 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from finetune_trainer.testing import build_tiny_model, text_dataset
+    from finetune_testbed.trainer_fixtures import build_tiny_model, text_dataset
 
     hf_logging.disable_progress_bar()
     results: dict[str, float] = {}

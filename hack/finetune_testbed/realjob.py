@@ -20,7 +20,7 @@ def prepare_assets(directory: Path) -> Path:
     """Tiny model + tokenizer and a JSONL dataset under `directory` (built once), readable
     by the trainer image's non-root user. Returns the directory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from finetune_trainer.testing import build_tiny_model, text_dataset
+    from finetune_testbed.trainer_fixtures import build_tiny_model, text_dataset
     model, data = directory / MODEL_DIR, directory / DATASET_FILE
     if not (model / "config.json").exists():
         build_tiny_model(str(model))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import finetune_contract as contract
+
 from . import storage
 from .api.models import (
     API_VERSION,
@@ -20,7 +22,7 @@ from .api.models import (
 
 TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
 CHECKPOINT_VOLUME = "checkpoints"
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_PATH = contract.DEFAULT_TERMINATION_LOG
 RUN_AS_USER = 1000
 
 # Pod Security "restricted" out of the box; template keys replace these one by one.

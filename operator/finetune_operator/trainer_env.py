@@ -2,12 +2,10 @@
 (torch-free), so the names are defined once."""
 from __future__ import annotations
 
-from finetune_trainer.contract import DEFAULT_METRICS_PORT, TrainerConfig, stop_timeout_for_grace
+from finetune_contract import DEFAULT_METRICS_PORT, DEFAULT_TERMINATION_LOG, TrainerConfig, stop_timeout_for_grace
 
 from . import storage
 from .api import TrainingJobSpec
-
-TERMINATION_LOG = "/dev/termination-log"
 
 
 def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
@@ -25,7 +23,7 @@ def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
         lora_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         lora_target_modules=tuple(lora.target_modules),
         metrics_port=DEFAULT_METRICS_PORT, metrics_addr="0.0.0.0",
-        termination_log=TERMINATION_LOG, nproc_per_node=max(1, spec.resources.gpus),
+        termination_log=DEFAULT_TERMINATION_LOG, nproc_per_node=max(1, spec.resources.gpus),
         stop_timeout=stop_timeout_for_grace(spec.run_policy.termination_grace_period_seconds),
     )
 

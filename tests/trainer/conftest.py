@@ -5,7 +5,7 @@ helper that runs ``python -m finetune_trainer`` as a subprocess."""
 from __future__ import annotations
 
 
-from finetune_trainer.testing import quiet_offline_env  # noqa: E402
+from finetune_testbed.trainer_fixtures import quiet_offline_env  # noqa: E402
 
 quiet_offline_env()
 
@@ -19,7 +19,7 @@ from trainerkit import make_env
 def tiny_model(tmp_path_factory) -> Path:
     from transformers.utils import logging as hf_logging
 
-    from finetune_trainer.testing import build_tiny_model
+    from finetune_testbed.trainer_fixtures import build_tiny_model
 
     hf_logging.disable_progress_bar()
     d = tmp_path_factory.mktemp("tiny-llama")
@@ -29,14 +29,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory) -> Path:
-    from finetune_trainer.testing import text_dataset
+    from finetune_testbed.trainer_fixtures import text_dataset
 
     return Path(text_dataset(str(tmp_path_factory.mktemp("data") / "train.jsonl"), n=400))
 
 
 @pytest.fixture(scope="session")
 def pc_data(tmp_path_factory) -> Path:
-    from finetune_trainer.testing import prompt_completion_dataset
+    from finetune_testbed.trainer_fixtures import prompt_completion_dataset
 
     return Path(prompt_completion_dataset(str(tmp_path_factory.mktemp("pcdata") / "pc.jsonl"), n=100))
 

@@ -6,7 +6,7 @@ import os
 import stat
 
 from finetune_trainer import checkpoints as ck
-from finetune_trainer import contract as c
+import finetune_contract as c
 from finetune_trainer.metrics import TrainerMetrics
 
 

@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune_trainer import contract as c
+import finetune_contract as c
 from finetune_trainer.__main__ import parse_config
 from finetune_trainer.launch import exit_code_for_failures, needs_torchrun, torchrun_args
 
 
 def test_contract_module_imports_without_torch():
     code = (
-        "import sys, finetune_trainer.contract, finetune_trainer.checkpoints, finetune_trainer.metrics;"
+        "import sys, finetune_contract, finetune_operator.__main__, finetune_trainer.checkpoints, finetune_trainer.metrics;"
         "import finetune_trainer.worker, finetune_trainer.data, finetune_trainer.launch;"
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules];"
         "assert not bad, bad"

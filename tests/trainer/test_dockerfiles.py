@@ -33,7 +33,13 @@ UPSTREAM_BASES = {
 }
 USERS = {"trainer": "1000:1000", "operator": "65532:65532"}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-ALL_PACKAGES = {"finetune_operator", "finetune_trainer", "finetune_testbed"}
+# Each image installs one distribution of the repository (plus the contract, copied as code).
+DISTRIBUTIONS = {"trainer": ROOT / "trainer-image", "operator": ROOT / "operator"}
+CONTRACT = ROOT / "trainer-image" / "contract"
+
+
+def _project(directory: Path) -> dict:
+    return tomllib.loads((directory / "pyproject.toml").read_text())["project"]
 
 
 def _hadolint() -> str | None:
@@ -155,49 +161,43 @@ def test_each_image_copies_only_the_code_it_runs():
     def copied(name):
         return [src for _, sources in _copies(name) for src in sources if src.endswith((".py", "/"))]
 
-    operator = copied("operator")
-    assert sorted(operator) == [
-        "operator/finetune_operator/",
-        "trainer-image/finetune_trainer/__init__.py",
-        "trainer-image/finetune_trainer/contract.py",
-    ]
-    assert copied("trainer") == ["trainer-image/finetune_trainer/"]
-    # The operator image holds only the torch-free contract of finetune_trainer: every import
-    # of finetune_trainer in the operator must stay within it.
-    for path in (ROOT / "operator" / "finetune_operator").rglob("*.py"):
-        for m in re.finditer(r"^\s*(?:from|import)\s+(finetune_trainer[\w.]*)(?:\s+import\s+([\w, ]+))?", path.read_text(), re.M):
-            module, names = m.group(1), m.group(2) or ""
-            assert module == "finetune_trainer.contract" or (
-                module == "finetune_trainer" and {n.strip() for n in names.split(",")} <= {"contract"}
-            ), f"{path.relative_to(ROOT)} imports {m.group(0).strip()}: not in the operator image"
-    # The selection does not go behind pyproject's back: it names its packages and dirs.
-    setuptools = PYPROJECT["tool"]["setuptools"]
-    assert {p.split(".")[0] for p in setuptools["packages"]} == ALL_PACKAGES
-    assert setuptools["package-dir"]["finetune_operator"] == "operator/finetune_operator"
-    assert setuptools["package-dir"]["finetune_trainer"] == "trainer-image/finetune_trainer"
+    assert sorted(copied("operator")) == ["operator/finetune_operator/", "trainer-image/contract/finetune_contract/"]
+    assert sorted(copied("trainer")) == ["trainer-image/contract/finetune_contract/", "trainer-image/finetune_trainer/"]
+    # What the images copy is what the distributions declare: the code of each package, and
+    # the contract is the only local distribution either depends on.
+    for name, directory in DISTRIBUTIONS.items():
+        local = [d for d in _project(directory)["dependencies"] if d.startswith("finetune-")]
+        assert local == [f"finetune-contract=={_project(CONTRACT)['version']}"], (name, local)
+    # Neither product imports the other or the test bed: a stray import would fail in the image.
+    for own, others in (("operator/finetune_operator", ("finetune_trainer", "finetune_testbed")),
+                        ("trainer-image/finetune_trainer", ("finetune_operator", "finetune_testbed")),
+                        ("trainer-image/contract/finetune_contract", ("finetune_operator", "finetune_trainer",
+                                                                      "finetune_testbed", "torch", "pydantic"))):
+        for path in (ROOT / own).rglob("*.py"):
+            for m in re.finditer(r"^\s*(?:from|import)\s+([\w.]+)", path.read_text(), re.M):
+                assert m.group(1).split(".")[0] not in others, f"{path.relative_to(ROOT)} imports {m.group(1)}"
 
 
 def _requirements_from_dockerfile(name: str, tmp_path: Path) -> list[str]:
-    """Runs the `requirements` stage's one-liner on pyproject.toml, as the build does."""
+    """Runs the `requirements` stage's one-liner on the image's pyproject.toml, as the build does."""
     (cmd,) = [rest for keyword, rest in _instructions(name)
               if keyword == "RUN" and "tomllib" in rest and "requirements.txt" in rest]
     script, redirect = cmd.rsplit(">", 1)
     assert redirect.strip() == "requirements.txt"
     words = shlex.split(script)
     assert words[:2] == ["python3", "-c"], words
-    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    (tmp_path / "pyproject.toml").write_text((DISTRIBUTIONS[name] / "pyproject.toml").read_text())
     r = subprocess.run([sys.executable, "-c", words[2]], cwd=tmp_path, capture_output=True, text=True, check=True)
     return r.stdout.split()
 
 
 def test_dependencies_come_from_pyproject(tmp_path):
-    project = PYPROJECT["project"]
-    assert _requirements_from_dockerfile("operator", tmp_path) == [d.replace(" ", "") for d in project["dependencies"]]
-    trainer = project["dependencies"] + project["optional-dependencies"]["trainer"]  # `.[trainer]`
-    assert _requirements_from_dockerfile("trainer", tmp_path) == [d.replace(" ", "") for d in trainer]
-    text = DOCKERFILES["trainer"].read_text()
-    assert "-c /opt/finetune/constraints.txt" in text
-    assert "trainer" not in _requirements_stage_text("operator")
+    for name, directory in DISTRIBUTIONS.items():
+        wanted = [d.replace(" ", "") for d in _project(directory)["dependencies"] if not d.startswith("finetune-")]
+        assert _requirements_from_dockerfile(name, tmp_path) == wanted, name
+    assert "torch" not in " ".join(_requirements_from_dockerfile("operator", tmp_path))
+    assert "kopf" not in " ".join(_requirements_from_dockerfile("trainer", tmp_path))
+    assert "-c /opt/finetune/constraints.txt" in DOCKERFILES["trainer"].read_text()
 
 
 def _requirements_stage_text(name: str) -> str:
@@ -216,7 +216,7 @@ def test_oci_labels(name):
     assert labels["org.opencontainers.image.version"] == "${VERSION}"
     assert labels["org.opencontainers.image.revision"] == "${REVISION}"
     args = dict(rest.partition("=")[::2] for keyword, rest in ins if keyword == "ARG")
-    assert args["VERSION"] == PYPROJECT["project"]["version"]
+    assert args["VERSION"] == _project(DISTRIBUTIONS[name])["version"] == PYPROJECT["project"]["version"]
     assert "REVISION" in args
 
 
@@ -225,10 +225,10 @@ def test_trainer_image_is_offline_and_pins_the_tested_stack():
     for var in ("HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "PYTHONUNBUFFERED=1",
                 "HF_HOME=/tmp/hf-home"):
         assert var in text
-    assert "2.13.0" in UPSTREAM_BASES["trainer"]  # same torch as the pin in pyproject.toml
-    assert '"torch==2.13.0"' in (ROOT / "pyproject.toml").read_text()
+    pyproject = (ROOT / "trainer-image" / "pyproject.toml").read_text()
+    assert "2.13.0" in UPSTREAM_BASES["trainer"]  # same torch as the pin in trainer-image/pyproject.toml
+    assert '"torch==2.13.0"' in pyproject
     constraints = (ROOT / "trainer-image" / "constraints.txt").read_text()
-    pyproject = (ROOT / "pyproject.toml").read_text()
     for pin in re.findall(r"^(torch|transformers|peft|accelerate)==(\S+)$", constraints, re.M):
         assert f'"{pin[0]}=={pin[1]}"' in pyproject, pin
 

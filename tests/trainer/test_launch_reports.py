@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune_trainer import contract as c
+import finetune_contract as c
 from finetune_trainer import launch
 
 
@@ -39,7 +39,8 @@ def test_exit_codes_map_to_outcomes():
 
 _HUNG_AGENT = r"""
 import sys, threading
-from finetune_trainer import contract as c, launch
+import finetune_contract as c
+from finetune_trainer import launch
 launch.COMPLETION_GRACE_SECONDS = 1.0
 cfg = c.TrainerConfig(termination_log=sys.argv[1])
 before = launch._read(cfg.termination_log)

@@ -18,7 +18,7 @@ import pytest
 from trainerkit import TrainerRun, make_env, scrape, wait_until
 
 from finetune_trainer import checkpoints as ck
-from finetune_trainer import contract as c
+import finetune_contract as c
 
 pytestmark = pytest.mark.trainer
 

@@ -9,7 +9,7 @@ import types
 import pytest
 
 import finetune_trainer
-from finetune_trainer import contract as c
+import finetune_contract as c
 from finetune_trainer import worker
 
 
@@ -113,7 +113,8 @@ def test_bad_values_exit_78_before_anything_else(setup):
 _HANGS_AFTER_STOP = r"""
 import signal, sys, threading, types
 import finetune_trainer
-from finetune_trainer import contract as c, worker
+import finetune_contract as c
+from finetune_trainer import worker
 
 def train(cfg, model_path, examples, stopper, report, metrics):
     report.step = 7

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from finetune_trainer import contract as c
+import finetune_contract as c
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss=([-+0-9.eEnaif]+)")
 

@@ -16,7 +16,7 @@ import re
 import shutil
 import stat
 
-from . import contract
+import finetune_contract as contract
 
 CHECKPOINT_PREFIX = contract.CHECKPOINT_PREFIX
 TRAINER_STATE_NAME = "trainer_state.json"

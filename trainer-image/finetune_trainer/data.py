@@ -5,7 +5,7 @@ Two record shapes:
 - prompt/completion mode (both fields configured): loss only on the completion tokens.
 
 Config errors (missing/unreadable/empty dataset, bad JSON, no usable record) raise
-:class:`~finetune_trainer.contract.ConfigError` with a one-line reason.
+:class:`~finetune_contract.ConfigError` with a one-line reason.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .contract import ConfigError, TrainerConfig
+from finetune_contract import ConfigError, TrainerConfig
 
 IGNORE_INDEX = -100
 DATASET_SUFFIXES = (".jsonl", ".json")

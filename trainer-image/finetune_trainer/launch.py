@@ -21,7 +21,7 @@ import tempfile
 import threading
 
 from . import checkpoints as ckpts
-from . import contract as c
+import finetune_contract as c
 from .util import LOG, exit_with_stacks, setup_logging
 
 

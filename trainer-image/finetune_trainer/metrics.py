@@ -8,7 +8,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from . import contract as c
+import finetune_contract as c
 from .util import atomic_write_text
 
 

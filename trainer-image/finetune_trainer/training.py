@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from . import checkpoints as ckpts
-from . import contract as c
+import finetune_contract as c
 from .data import PadCollator, tokenize_examples
 from .util import LOG
 

@@ -14,7 +14,7 @@ import traceback
 from typing import Any
 
 from . import checkpoints as ckpts
-from . import contract as c
+import finetune_contract as c
 from .util import LOG, env_rank, exit_with_stacks, setup_logging
 
 

@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+import finetune_contract as contract
+
 from ..storage import split_claim_uri
 
 # --- names fixed by docs/CONTRACTS.md -------------------------------------------------------
@@ -44,7 +46,7 @@ LABEL_ATTEMPT = "finetune.dev/attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "finetune-operator"
 TRAINER_CONTAINER = "trainer"
-METRICS_PORT = 9400
+METRICS_PORT = contract.DEFAULT_METRICS_PORT
 # Job names become a pod label value, which Kubernetes caps at 63 characters.
 MAX_JOB_NAME_LENGTH = 63
 

@@ -15,7 +15,7 @@ from .observation import (
 )
 from .job_facts import observe_job
 from .patch import merge_patch
-from .pod_facts import observe_pod, observe_pods, parse_termination_message, parse_time
+from .pod_facts import observe_pod, observe_pods, parse_time
 from .privileged import privileged_settings
 from .progress import status_changed_materially
 from .timing import backoff_seconds
@@ -44,7 +44,6 @@ __all__ = [
     "observe_job",
     "observe_pod",
     "observe_pods",
-    "parse_termination_message",
     "parse_time",
     "parse_trainer_metrics",
     "privileged_settings",

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+import finetune_contract as contract
+
 from ..api.models import FailurePolicyRule, TrainingJobSpec, TrainingJobStatus
 from .observation import Observation, PodObservation
 from .text import one_line
@@ -20,8 +22,6 @@ from .timing import start_timeout_at
 START_ERRORS = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
 )
-EXIT_SIGTERM = 143  # the trainer's "stopped by SIGTERM after saving a checkpoint"
-EXIT_CONFIG_ERROR = 78  # the trainer's "bad configuration", never worth retrying
 
 # DisruptionTarget reasons -> our interruption reasons.
 DISRUPTION_REASONS = {
@@ -148,7 +148,7 @@ def _default_ending(pod: PodObservation, obs: Observation) -> Ended:
     if disruption is not None:
         return Ended("interruption", disruption[0], disruption[1], code)
     stopped_by_sigterm = term is not None and (
-        pod.outcome == "preempted" or (code == EXIT_SIGTERM and pod.outcome is None)
+        pod.outcome == contract.OUTCOME_PREEMPTED or (code == contract.EXIT_PREEMPTED and pod.outcome is None)
     )
     if pod.deleting and (term is None or stopped_by_sigterm):
         return Ended("interruption", "PodDeleted", f"pod {pod.name} was deleted while the job needed it", code)
@@ -165,7 +165,7 @@ def _default_ending(pod: PodObservation, obs: Observation) -> Ended:
         )
     if term.reason == "OOMKilled":
         return Ended("failure", "OOMKilled", f"trainer in pod {pod.name} ran out of memory (exit code {code})", code)
-    if pod.outcome == "config_error" or code == EXIT_CONFIG_ERROR:
+    if pod.outcome == contract.OUTCOME_CONFIG_ERROR or code == contract.EXIT_CONFIG_ERROR:
         return Ended(
             "fatal",
             "InvalidConfiguration",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
+
+from finetune_contract import parse_termination_message
 
 from ..api.models import LABEL_ATTEMPT, TRAINER_CONTAINER
 from .observation import (
@@ -28,17 +29,6 @@ def parse_time(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
-def parse_termination_message(text: Any) -> dict[str, Any] | None:
-    """The trainer's JSON termination message; None for logs (FallbackToLogsOnError) or junk."""
-    if not isinstance(text, str) or not text.strip().startswith("{"):
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _attempt(metadata: Mapping[str, Any]) -> int:

@@ -6,7 +6,7 @@ import math
 import posixpath
 from typing import Any
 
-from finetune_trainer.contract import checkpoint_name
+from finetune_contract import checkpoint_name
 
 from ..api.models import CheckpointStatus, Progress, TrainingJobStatus
 from .observation import PodObservation, ProgressSample

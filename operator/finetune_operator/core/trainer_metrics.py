@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
-from finetune_trainer import contract
+import finetune_contract as contract
 
 from .observation import ProgressSample
 

@@ -387,15 +387,18 @@ def encode_termination_message(msg: Mapping[str, Any]) -> str:
     return text
 
 
-def parse_termination_message(text: str) -> dict[str, Any] | None:
-    """Parse a termination message; None when it is empty or not ours."""
+def parse_termination_message(text: object) -> dict[str, Any] | None:
+    """Parse a termination message; None when it is empty or not ours (logs written by
+    FallbackToLogsOnError, junk, an unknown outcome). Only the schema's keys, only those present."""
+    if not isinstance(text, str):
+        return None
     try:
         data = json.loads(text)
-    except (TypeError, ValueError):
+    except ValueError:
         return None
     if not isinstance(data, dict) or data.get("outcome") not in OUTCOMES:
         return None
-    return {k: data.get(k) for k in TERMINATION_MESSAGE_KEYS}
+    return {k: data[k] for k in TERMINATION_MESSAGE_KEYS if k in data}
 
 
 def write_termination_message(path: str, msg: Mapping[str, Any]) -> bool:
