@@ -9,7 +9,8 @@ import datetime as dt
 import logging
 import uuid
 
-from .kube import GROUP, VERSION, ApiError, KubeClient
+from .kube import GROUP, VERSION, AlreadyExists, ApiError, BadRequest, Forbidden, Invalid, KubeClient, NotFound
+from .kube import Conflict as ApiConflict  # Conflict below is the reconcile's own "re-read" signal
 
 log = logging.getLogger("finetune.actions")
 
@@ -36,10 +37,8 @@ async def replace_status(client: KubeClient, job: dict, status: dict) -> dict:
     path = client.job_path(job["metadata"]["namespace"], job["metadata"]["name"]) + "/status"
     try:
         return await client.request("PUT", path, body=body)
-    except ApiError as exc:
-        if exc.status == 409:
-            raise Conflict(str(exc)) from None
-        raise
+    except ApiConflict as exc:
+        raise Conflict(str(exc)) from None
 
 
 async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
@@ -49,20 +48,19 @@ async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
     try:
         await client.create(client.pod_path(namespace), pod)
         return "created"
-    except ApiError as exc:
-        if exc.status == 403 and "being terminated" in str(exc):
+    except AlreadyExists:
+        existing = await client.get(client.pod_path(namespace, pod["metadata"]["name"]))
+        ours = pod["metadata"]["ownerReferences"][0]["uid"]
+        refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+        if any(r.get("controller") and r.get("uid") == ours for r in refs):
+            return "adopted"
+        return "conflict"
+    except Forbidden as exc:
+        if exc.namespace_terminating:
             return "namespace-terminating"  # the job goes with its namespace: not an error
-        if exc.status == 409 and exc.reason == "AlreadyExists":
-            existing = await client.get(client.pod_path(namespace, pod["metadata"]["name"]))
-            ours = pod["metadata"]["ownerReferences"][0]["uid"]
-            refs = (existing.get("metadata") or {}).get("ownerReferences") or []
-            if any(r.get("controller") and r.get("uid") == ours for r in refs):
-                return "adopted"
-            return "conflict"
-        if exc.status in (400, 403, 422):
-            detail = exc.body.get("message") if isinstance(exc.body, dict) else str(exc)
-            raise PodRejected("forbidden" if exc.status == 403 else "rejected", detail) from None
-        raise
+        raise PodRejected("forbidden", exc.message) from None
+    except (BadRequest, Invalid) as exc:
+        raise PodRejected("rejected", exc.message) from None
 
 
 async def delete_pod(client: KubeClient, namespace: str, name: str, uid: str | None = None,
@@ -75,10 +73,8 @@ async def delete_pod(client: KubeClient, namespace: str, name: str, uid: str | N
     try:
         await client.delete(client.pod_path(namespace, name), body)
         return True
-    except ApiError as exc:
-        if exc.status in (404, 409):  # gone already, or a different pod by that name now
-            return False
-        raise
+    except (NotFound, ApiConflict):  # gone already, or a different pod by that name now
+        return False
 
 
 async def delete_job(client: KubeClient, namespace: str, name: str, uid: str) -> None:
@@ -86,9 +82,8 @@ async def delete_job(client: KubeClient, namespace: str, name: str, uid: str) ->
             "preconditions": {"uid": uid}}
     try:
         await client.delete(client.job_path(namespace, name), body)
-    except ApiError as exc:
-        if exc.status not in (404, 409):
-            raise
+    except (NotFound, ApiConflict):
+        pass  # gone already, or a different job by that name now
 
 
 async def post_event(client: KubeClient, job: dict, type_: str, reason: str, message: str,

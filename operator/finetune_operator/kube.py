@@ -2,7 +2,9 @@
 
 Deliberately tiny (no generated models: they cost memory and import time). It
 counts every request by verb, resource and status code, and remembers whether the
-last call reached the API server (the readiness probe reads that)."""
+last call reached the API server (the readiness probe reads that). An error answer raises
+the ApiError subclass of its status (NotFound, Conflict, Forbidden, ...), so callers catch
+what they handle instead of comparing codes."""
 from __future__ import annotations
 
 import json
@@ -66,7 +68,18 @@ def resource_version(obj: Mapping | None) -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class Cause:
+    """One entry of a Status object's details.causes: the structured "why" of a refusal."""
+    reason: str
+    field: str
+    message: str
+
+
 class ApiError(Exception):
+    """An HTTP error answer of the API server. Callers catch the subclass for the code they
+    handle (api_error picks it from the status); anything else stays a plain ApiError."""
+
     def __init__(self, status: int, body: Any, method: str, path: str):
         self.status, self.body = status, body
         message = body.get("message") if isinstance(body, dict) else str(body)[:300]
@@ -76,32 +89,102 @@ class ApiError(Exception):
     def reason(self) -> str:
         return self.body.get("reason", "") if isinstance(self.body, dict) else ""
 
+    @property
+    def message(self) -> str:
+        """The Status message (for people), or this error's own text when the body has none."""
+        message = self.body.get("message") if isinstance(self.body, dict) else None
+        return message if isinstance(message, str) else str(self)
+
+    @property
+    def causes(self) -> list[Cause]:
+        details = self.body.get("details") if isinstance(self.body, dict) else None
+        raw = (details.get("causes") if isinstance(details, dict) else None) or []
+        return [Cause(str(c.get("reason") or ""), str(c.get("field") or ""), str(c.get("message") or ""))
+                for c in raw if isinstance(c, dict)]
+
+    def has_cause(self, reason: str) -> bool:
+        return any(c.reason == reason for c in self.causes)
+
+
+class BadRequest(ApiError):
+    """400: a malformed request (a patch or body the server cannot decode)."""
+
+
+class Forbidden(ApiError):
+    """403: RBAC or admission (quota, Pod Security, a terminating namespace)."""
+
+    @property
+    def namespace_terminating(self) -> bool:
+        # The NamespaceLifecycle admission plugin names this cause; the message is for people.
+        return self.has_cause("NamespaceTerminating")
+
+
+class NotFound(ApiError):
+    """404."""
+
+
+class Conflict(ApiError):
+    """409: a resourceVersion or uid precondition failed (or, as AlreadyExists, the name is taken)."""
+
+
+class AlreadyExists(Conflict):
+    """409 with reason AlreadyExists: a create found the name taken."""
+
+
+class Gone(ApiError):
+    """410: a list continue token or resourceVersion older than etcd's compaction."""
+
+
+class Invalid(ApiError):
+    """422: validation refused the object; causes name the fields."""
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 403: Forbidden, 404: NotFound, 409: Conflict,
+                                         410: Gone, 422: Invalid}
+
+
+def api_error(status: int, body: Any, method: str, path: str) -> ApiError:
+    """The ApiError subclass for an error answer, chosen by HTTP status (and Status reason)."""
+    cls = _BY_STATUS.get(status, ApiError)
+    if cls is Conflict and isinstance(body, dict) and body.get("reason") == "AlreadyExists":
+        cls = AlreadyExists
+    return cls(status, body, method, path)
+
+
+def _write_private(path: str, data: str | bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
 
 def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.insecure:
         return False
-    ctx = ssl.create_default_context()
-    if info.ca_path:
-        ctx.load_verify_locations(cafile=info.ca_path)
-    elif info.ca_data:
-        data = info.ca_data
-        ctx.load_verify_locations(cadata=data.decode() if isinstance(data, bytes) else data)
-    cert, key = info.certificate_path, info.private_key_path
-    tmp = []
-    # ssl only loads client certs from files; inline data goes through temp files.
-    for data in (info.certificate_data, info.private_key_data):
-        if data:
-            f = tempfile.NamedTemporaryFile(delete=False)
-            f.write(data if isinstance(data, bytes) else data.encode())
-            f.close()
-            tmp.append(f.name)
-    if info.certificate_data:
-        cert = tmp[0]
-    if info.private_key_data:
-        key = tmp[-1]
-    if cert:
-        ctx.load_cert_chain(cert, key)
+    cadata = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
+    # Only the cluster's CA when it names one, as kubectl: the system store would add ~150 public
+    # CAs to what may vouch for the API server (and ~30 ms to every login).
+    ctx = ssl.create_default_context(cafile=info.ca_path, cadata=None if info.ca_path else cadata)
+    if info.certificate_data or info.private_key_data:
+        _load_inline_cert_chain(ctx, info)
+    elif info.certificate_path:
+        ctx.load_cert_chain(info.certificate_path, info.private_key_path)
     return ctx
+
+
+def _load_inline_cert_chain(ctx: ssl.SSLContext, info: kopf.ConnectionInfo) -> None:
+    # ssl loads client certs only from files, but keeps them in memory once loaded: inline data
+    # goes through a private (0700) directory removed before this returns, so no copy of the
+    # key outlives the login, however often the client logs in again.
+    cert, key = info.certificate_path, info.private_key_path
+    with tempfile.TemporaryDirectory(prefix="finetune-client-") as tmp:
+        if info.certificate_data:
+            cert = os.path.join(tmp, "client.crt")
+            _write_private(cert, info.certificate_data)
+        if info.private_key_data:
+            key = os.path.join(tmp, "client.key")
+            _write_private(key, info.private_key_data)
+        if cert:
+            ctx.load_cert_chain(cert, key)
 
 
 def _resource_of(path: str) -> str:
@@ -179,7 +262,7 @@ class KubeClient:
         if status == 401 and not isinstance(self._login, kopf.ConnectionInfo):
             await self.close()  # credentials rotated (projected SA token): log in again next time
         if status >= 400:
-            raise ApiError(status, payload, method, path)
+            raise api_error(status, payload, method, path)
         return payload
 
     # ---- typed helpers -------------------------------------------------------------

@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 
 from . import metrics
-from .kube import ApiError, KubeClient
+from .kube import Conflict, KubeClient, NotFound
 
 log = logging.getLogger("finetune.leader")
 
@@ -55,18 +55,14 @@ class LeaderElector:
         now = _now()
         try:
             lease = await self.client.get(self.path)
-        except ApiError as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name}, "spec": self._spec(None, now)}
             try:
                 await self.client.create(self.collection, body)
                 return True
-            except ApiError as exc2:
-                if exc2.status == 409:
-                    return False
-                raise
+            except Conflict:  # another replica created it first
+                return False
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
         renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
@@ -78,10 +74,8 @@ class LeaderElector:
         try:
             await self.client.request("PUT", self.path, body=lease)
             return True
-        except ApiError as exc:
-            if exc.status == 409:  # someone else renewed or took it first
-                return False
-            raise
+        except Conflict:  # someone else renewed or took it first
+            return False
 
     async def acquire(self) -> None:
         logged = False

@@ -3,7 +3,7 @@ Each failure names the missing piece and how to fix it."""
 from __future__ import annotations
 
 from .config import OperatorConfig
-from .kube import GROUP, PLURAL, VERSION, ApiError, KubeClient
+from .kube import GROUP, PLURAL, VERSION, ApiError, Forbidden, KubeClient, NotFound
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
@@ -26,12 +26,13 @@ class PreflightError(Exception):
 async def preflight(client: KubeClient, cfg: OperatorConfig) -> None:
     try:
         crd = await client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
+    except NotFound:
+        raise PreflightError(f"the CustomResourceDefinition {CRD_NAME} is not installed; "
+                             "apply crds/ (make install) or deploy/ first") from None
+    except Forbidden:
+        pass  # reading CRDs is optional; the access review below is not
     except ApiError as exc:
-        if exc.status == 404:
-            raise PreflightError(f"the CustomResourceDefinition {CRD_NAME} is not installed; "
-                                 "apply crds/ (make install) or deploy/ first") from None
-        if exc.status != 403:  # reading CRDs is optional; the access review below is not
-            raise PreflightError(f"cannot read CRD {CRD_NAME}: {exc}") from None
+        raise PreflightError(f"cannot read CRD {CRD_NAME}: {exc}") from None
     else:
         served = [v["name"] for v in crd["spec"]["versions"] if v.get("served")]
         if VERSION not in served:
