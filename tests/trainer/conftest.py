@@ -4,15 +4,15 @@ helper that runs ``python -m finetune_trainer`` as a subprocess."""
 
 from __future__ import annotations
 
-
-from finetune_testbed.trainer_fixtures import quiet_offline_env  # noqa: E402
-
-quiet_offline_env()
-
 from pathlib import Path
 
 import pytest
 from trainerkit import make_env
+
+from finetune_testbed.trainer_fixtures import quiet_offline_env
+
+# Before any test module imports transformers (docs/TRAINER.md pitfall 3); the imports above do not.
+quiet_offline_env()
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
-from finetune_trainer import checkpoints as ck
 import finetune_contract as c
+from finetune_trainer import checkpoints as ck
 from finetune_trainer.metrics import TrainerMetrics
 
 
@@ -32,8 +33,7 @@ def test_picks_highest_complete_and_reports_incomplete(tmp_path):
     (tmp_path / "incomplete-checkpoint-130").mkdir()
     s = ck.scan(str(tmp_path))
     assert s.latest == ck.Checkpoint(str(tmp_path / "checkpoint-100"), 100)
-    assert [x.step for x in s.complete] == [5, 40, 100]
-    assert s.skipped_names == ["checkpoint-110", "checkpoint-120"]
+    assert [x.step for x in s.incomplete] == [110, 120]
     assert ck.latest_complete_checkpoint(str(tmp_path)).step == 100
 
 
@@ -42,7 +42,7 @@ def test_empty_and_missing_directories(tmp_path):
     assert ck.latest_complete_checkpoint(str(tmp_path / "nope")) is None
     _ckpt(tmp_path, 3, state=False)
     s = ck.scan(str(tmp_path))
-    assert s.latest is None and s.skipped_names == ["checkpoint-3"]
+    assert s.latest is None and [x.step for x in s.incomplete] == [3]
 
 
 def test_quarantine_moves_out_of_the_checkpoint_glob(tmp_path):
@@ -54,6 +54,44 @@ def test_quarantine_moves_out_of_the_checkpoint_glob(tmp_path):
     assert not (tmp_path / "checkpoint-9").exists()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-7"]
     assert ck.scan(str(tmp_path)).incomplete == ()
+
+
+def test_choose_start_sets_incomplete_aside_then_falls_back_to_resume_from(tmp_path):
+    run, given = tmp_path / "run", tmp_path / "given"
+    run.mkdir()
+    given.mkdir()
+    _ckpt(run, 4, state=False)
+    (given / ck.TRAINER_STATE_NAME).write_text('{"global_step": 30}')
+    assert ck.choose_start(str(run)) == (None, ["checkpoint-4"])
+    assert (run / "incomplete-checkpoint-4").is_dir()
+    assert ck.choose_start(str(run), str(given)) == (ck.Checkpoint(str(given), 30), [])
+    _ckpt(run, 6)  # the run's own checkpoint wins over resume-from
+    assert ck.choose_start(str(run), str(given)) == (ck.Checkpoint(str(run / "checkpoint-6"), 6), [])
+    assert ck.choose_start(str(tmp_path / "new")) == (None, []) and (tmp_path / "new").is_dir()
+
+
+def test_already_complete_reads_the_trainer_state(tmp_path):
+    d = _ckpt(tmp_path, 10)
+    state = {"global_step": 10, "max_steps": 10, "log_history": [{"loss": 2.5}, {"loss": 1.5}, {"lr": 0.1}]}
+    (d / ck.TRAINER_STATE_NAME).write_text(json.dumps(state))
+    point = ck.Checkpoint(str(d), 10)
+    assert ck.already_complete(point, None) == (10, 1.5)  # epoch mode: the total recorded in the checkpoint
+    assert ck.already_complete(point, 10) == (10, 1.5)
+    assert ck.already_complete(point, 20) == (None, None)
+    (d / ck.TRAINER_STATE_NAME).write_text("not json")
+    assert ck.already_complete(point, 10) == (None, None)
+
+
+def test_publish_adapter_copies_adapter_and_tokenizer_only(tmp_path):
+    d = _ckpt(tmp_path, 5)
+    for name in ("adapter_config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (d / name).write_text(name)
+    os.chmod(d / "adapter_model.safetensors", 0o600)
+    out = tmp_path / "out"
+    ck.publish_adapter(str(d), str(out))
+    published = sorted(p.name for p in out.iterdir())
+    assert published == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
+    assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o644
 
 
 def test_checkpoint_step():

@@ -20,8 +20,9 @@ from finetune_trainer.launch import exit_code_for_failures, needs_torchrun, torc
 
 def test_contract_module_imports_without_torch():
     code = (
-        "import sys, finetune_contract, finetune_operator.__main__, finetune_trainer.checkpoints, finetune_trainer.metrics;"
-        "import finetune_trainer.worker, finetune_trainer.data, finetune_trainer.launch;"
+        "import sys, finetune_contract, finetune_operator.__main__;"
+        "import finetune_trainer.checkpoints, finetune_trainer.metrics;"
+        "import finetune_trainer.worker, finetune_trainer.stop, finetune_trainer.data, finetune_trainer.launch;"
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules];"
         "assert not bad, bad"
     )
@@ -84,7 +85,9 @@ def test_none_fields_are_left_out_and_empty_env_means_default():
     env = c.TrainerConfig(model="m", dataset="d").to_env()
     for name in ("FT_PROMPT_FIELD", "FT_COMPLETION_FIELD", "FT_CHECKPOINT_DIR", "FT_MAX_STEPS", "FT_EPOCHS"):
         assert name not in env
-    cfg = c.TrainerConfig.from_env({"FT_MAX_STEPS": "", "FT_MODEL": "m", "FT_LORA_TARGET_MODULES": " q_proj , v_proj ,"})
+    cfg = c.TrainerConfig.from_env(
+        {"FT_MAX_STEPS": "", "FT_MODEL": "m", "FT_LORA_TARGET_MODULES": " q_proj , v_proj ,"}
+    )
     assert cfg.max_steps is None
     assert cfg.lora_target_modules == ("q_proj", "v_proj")
     assert cfg.effective_checkpoint_dir == "/checkpoints/output/checkpoints"
@@ -184,7 +187,10 @@ def test_torchrun_mode_selection():
     assert "--standalone" not in torchrun_args(2, [], {"PET_MASTER_ADDR": "job-0", "PET_NNODES": "1"})
 
 
-_name = st.text(alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters="_./-"), min_size=1, max_size=30)
+_name = st.text(
+    alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters="_./-"), min_size=1, max_size=30
+)
+_module = st.from_regex(r"[a-z_][a-z0-9_.]{0,20}", fullmatch=True)
 
 
 @settings(max_examples=150, deadline=None)
@@ -210,7 +216,7 @@ _name = st.text(alphabet=st.characters(whitelist_categories=("L", "N"), whitelis
         lora_r=st.integers(1, 1024),
         lora_alpha=st.integers(1, 4096),
         lora_dropout=st.floats(min_value=0.0, max_value=0.99, allow_nan=False),
-        lora_target_modules=st.lists(st.from_regex(r"[a-z_][a-z0-9_.]{0,20}", fullmatch=True), min_size=1, max_size=8).map(tuple),
+        lora_target_modules=st.lists(_module, min_size=1, max_size=8).map(tuple),
         metrics_port=st.integers(0, 65535),
         metrics_addr=st.sampled_from(["0.0.0.0", "127.0.0.1", "::"]),
         termination_log=_name,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from trainerkit import TrainerRun, make_env, scrape, wait_until
 
-from finetune_trainer import checkpoints as ck
 import finetune_contract as c
+from finetune_trainer import checkpoints as ck
 
 pytestmark = pytest.mark.trainer
 

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-import finetune_trainer
 import finetune_contract as c
+import finetune_trainer
 from finetune_trainer import worker
 
 
@@ -40,13 +40,16 @@ def setup(tmp_path, monkeypatch):
 
 def test_unexpected_error_exits_1_with_message(setup, capsys):
     cfg, install, message = setup
+    served = []
 
     def train(cfg, model_path, examples, stopper, report, metrics):
+        served.append(metrics)
         report.step, report.loss = 3, 1.5
         raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
 
     install(train)
     assert worker.run(cfg) == 1
+    assert served[0].server is None  # the metrics server is closed on the error path too
     msg = message()
     assert msg["outcome"] == "error" and msg["step"] == 3 and msg["loss"] == 1.5
     assert msg["message"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"

@@ -22,7 +22,7 @@ for _k, _v in (
 ):
     os.environ.setdefault(_k, _v)
 
-import finetune_contract as c  # noqa: E402
+import finetune_contract as c
 
 
 class _Parser(argparse.ArgumentParser):

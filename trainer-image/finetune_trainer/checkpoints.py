@@ -1,4 +1,4 @@
-"""Checkpoint discovery (torch-free).
+"""Checkpoint files (torch-free): discovery, where a run starts, publishing an adapter.
 
 A checkpoint directory ``checkpoint-<step>`` is *complete* when it holds
 ``trainer_state.json`` (the HF Trainer writes it last) and no
@@ -17,6 +17,8 @@ import shutil
 import stat
 
 import finetune_contract as contract
+
+from .util import LOG
 
 CHECKPOINT_PREFIX = contract.CHECKPOINT_PREFIX
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -39,12 +41,7 @@ class Scan:
     """Result of scanning a checkpoint directory."""
 
     latest: Checkpoint | None
-    complete: tuple[Checkpoint, ...]
     incomplete: tuple[Checkpoint, ...]  # half-written: skipped
-
-    @property
-    def skipped_names(self) -> list[str]:
-        return [os.path.basename(c.path) for c in self.incomplete]
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -78,7 +75,7 @@ def scan(directory: str) -> Scan:
         (complete if is_complete(path) else incomplete).append(Checkpoint(path, step))
     complete.sort(key=lambda c: c.step)
     incomplete.sort(key=lambda c: c.step)
-    return Scan(complete[-1] if complete else None, tuple(complete), tuple(incomplete))
+    return Scan(complete[-1] if complete else None, tuple(incomplete))
 
 
 def latest_complete_checkpoint(directory: str) -> Checkpoint | None:
@@ -136,3 +133,63 @@ def explicit_start(path: str) -> Checkpoint:
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise contract.ConfigError(f"resume-from checkpoint has an unreadable {TRAINER_STATE_NAME}: {e}") from None
     return Checkpoint(path=path, step=step)
+
+
+def choose_start(directory: str, resume_from: str | None = None) -> tuple[Checkpoint | None, list[str]]:
+    """Where a run starts: its own latest complete checkpoint in ``directory``, else the
+    explicitly requested ``resume_from``, else None (from scratch).
+
+    Incomplete checkpoints are moved aside (docs/TRAINER.md pitfall 1); their names are returned.
+    """
+    os.makedirs(directory, exist_ok=True)
+    found = scan(directory)
+    skipped = [_set_aside(bad) for bad in found.incomplete]
+    latest = found.latest
+    if latest is None and resume_from:
+        latest = explicit_start(resume_from)
+        LOG.info("no checkpoint of this run yet: starting from %s (step %d), as asked", resume_from, latest.step)
+    return latest, skipped
+
+
+def _set_aside(bad: Checkpoint) -> str:
+    name = os.path.basename(bad.path)
+    try:
+        moved = quarantine(bad)
+        LOG.warning("skipping incomplete checkpoint %s (moved to %s)", name, os.path.basename(moved))
+    except OSError as e:
+        LOG.warning("skipping incomplete checkpoint %s (could not move it: %s)", name, e)
+    return name
+
+
+def already_complete(checkpoint: Checkpoint, max_steps: int | None) -> tuple[int | None, float | None]:
+    """(the run's total steps, last logged loss) when ``checkpoint`` already reached them, else (None, None).
+
+    The total is ``max_steps`` (FT_MAX_STEPS), or in epoch mode the total recorded in the checkpoint.
+    """
+    try:
+        with open(os.path.join(checkpoint.path, TRAINER_STATE_NAME), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except (OSError, ValueError):
+        return None, None
+    target = max_steps or state.get("max_steps")
+    step = state.get("global_step", checkpoint.step)
+    if isinstance(target, int) and target > 0 and step >= target:
+        losses = [h["loss"] for h in state.get("log_history", []) if isinstance(h.get("loss"), (int, float))]
+        return target, (float(losses[-1]) if losses else None)
+    return None, None
+
+
+_NOT_ADAPTER_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", TRAINER_STATE_NAME)
+
+
+def publish_adapter(checkpoint: str, output_dir: str) -> None:
+    """Copy a checkpoint's adapter (+ tokenizer files) to the output directory, world-readable."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in sorted(os.listdir(checkpoint)):
+        src = os.path.join(checkpoint, name)
+        if not os.path.isfile(src) or name in _NOT_ADAPTER_FILES or name.startswith("rng_state"):
+            continue
+        tmp = os.path.join(output_dir, f".{name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(output_dir, name))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from finetune_contract import ConfigError, TrainerConfig
 
@@ -41,8 +41,8 @@ def dataset_files(path: str) -> list[str]:
     return [path]
 
 
-def iter_records(path: str) -> Iterator[tuple[str, int, Any]]:
-    """Yield (file, line number, parsed JSON) for every non-blank line."""
+def iter_records(path: str) -> Iterator[Any]:
+    """Yield the parsed JSON of every non-blank line."""
     for fp in dataset_files(path):
         try:
             fh = open(fp, encoding="utf-8")
@@ -54,7 +54,7 @@ def iter_records(path: str) -> Iterator[tuple[str, int, Any]]:
                     if not line.strip():
                         continue
                     try:
-                        yield fp, lineno, json.loads(line)
+                        yield json.loads(line)
                     except ValueError as e:
                         raise ConfigError(f"dataset {fp} line {lineno}: invalid JSON ({e})") from None
             except UnicodeDecodeError as e:
@@ -70,7 +70,7 @@ def load_examples(cfg: TrainerConfig) -> list[str] | list[tuple[str, str]]:
     texts: list[str] = []
     pairs: list[tuple[str, str]] = []
     total = 0
-    for _fp, _lineno, rec in iter_records(cfg.dataset):
+    for rec in iter_records(cfg.dataset):
         total += 1
         if not isinstance(rec, dict):
             continue
@@ -119,33 +119,49 @@ def tokenize_examples(
     for start in range(0, len(examples), batch):
         chunk = examples[start : start + batch]
         if pc_mode:
-            prompts = _ids(tokenizer([p for p, _ in chunk], add_special_tokens=True))
-            comps = _ids(tokenizer([c for _, c in chunk], add_special_tokens=False))
-            for p_ids, c_ids in zip(prompts, comps):
-                p_ids = list(p_ids)
-                # a template that appends EOS to the prompt would end the sequence early
-                if eos is not None and len(p_ids) > 1 and p_ids[-1] == eos:
-                    p_ids = p_ids[:-1]
-                c_ids = list(c_ids)
-                if eos is not None and (not c_ids or c_ids[-1] != eos):
-                    c_ids.append(eos)
-                ids = (p_ids + c_ids)[:seq_len]
-                labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:seq_len]
-                if any(lab != IGNORE_INDEX for lab in labels):
-                    feats.append({"input_ids": ids, "labels": labels})
+            feats.extend(_pair_features(tokenizer, cast(Sequence[tuple[str, str]], chunk), seq_len, eos))
         else:
-            for ids in _ids(tokenizer(list(chunk), add_special_tokens=True)):
-                ids = list(ids)
-                if eos is not None and ids and ids[-1] != eos and len(ids) < seq_len:
-                    ids.append(eos)
-                ids = ids[:seq_len]
-                if len(ids) >= 2:
-                    feats.append({"input_ids": ids, "labels": list(ids)})
+            feats.extend(_text_features(tokenizer, cast(Sequence[str], chunk), seq_len, eos))
     if not feats:
         raise ConfigError(
             f"no example tokenizes to at least 2 tokens with the model's tokenizer "
             f"({type(tokenizer).__name__}); check the dataset fields and the tokenizer files"
         )
+    return feats
+
+
+def _pair_features(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], seq_len: int, eos: int | None
+) -> list[dict[str, list[int]]]:
+    """Prompt/completion mode: labels only on the completion (and its EOS)."""
+    feats = []
+    prompts = _ids(tokenizer([p for p, _ in pairs], add_special_tokens=True))
+    comps = _ids(tokenizer([c for _, c in pairs], add_special_tokens=False))
+    for p_ids, c_ids in zip(prompts, comps, strict=True):  # one encoding per input
+        p_ids = list(p_ids)
+        # a template that appends EOS to the prompt would end the sequence early
+        if eos is not None and len(p_ids) > 1 and p_ids[-1] == eos:
+            p_ids = p_ids[:-1]
+        c_ids = list(c_ids)
+        if eos is not None and (not c_ids or c_ids[-1] != eos):
+            c_ids.append(eos)
+        ids = (p_ids + c_ids)[:seq_len]
+        labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:seq_len]
+        if any(lab != IGNORE_INDEX for lab in labels):
+            feats.append({"input_ids": ids, "labels": labels})
+    return feats
+
+
+def _text_features(tokenizer: Any, texts: Sequence[str], seq_len: int, eos: int | None) -> list[dict[str, list[int]]]:
+    """Text mode: labels on every token."""
+    feats = []
+    for ids in _ids(tokenizer(list(texts), add_special_tokens=True)):
+        ids = list(ids)
+        if eos is not None and ids and ids[-1] != eos and len(ids) < seq_len:
+            ids.append(eos)
+        ids = ids[:seq_len]
+        if len(ids) >= 2:
+            feats.append({"input_ids": ids, "labels": list(ids)})
     return feats
 
 

@@ -20,8 +20,9 @@ import sys
 import tempfile
 import threading
 
-from . import checkpoints as ckpts
 import finetune_contract as c
+
+from . import checkpoints as ckpts
 from .util import LOG, exit_with_stacks, setup_logging
 
 
@@ -37,7 +38,7 @@ def resolve_nproc(cfg: c.TrainerConfig) -> int:
         import torch
 
         return max(1, torch.cuda.device_count())
-    except Exception:  # noqa: BLE001
+    except Exception:  # broad on purpose: no usable torch/CUDA means one process
         return 1
 
 
@@ -167,17 +168,9 @@ def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
         )
         return c.EXIT_CONFIG_ERROR
     nproc = resolve_nproc(cfg)
-    env = os.environ
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # The workers end themselves FT_STOP_TIMEOUT_SECONDS after SIGTERM; the agent waits a
-    # little longer before its SIGKILL (its default, 30 s, can cut a save short).
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(cfg.stop_timeout + 5)
-    env[c.ENV_LAUNCHER_PID] = str(os.getpid())
-    report_dir = _report_dir()
-    if report_dir:
-        env[c.ENV_RANK_REPORT_DIR] = report_dir
+    report_dir = _prepare_env(cfg, nproc)
     before = _read(cfg.termination_log)
-    args = torchrun_args(nproc, argv, env)
+    args = torchrun_args(nproc, argv)
     LOG.info("launching torchrun %s", " ".join(args))
     returned = threading.Event()
     threading.Thread(
@@ -194,6 +187,20 @@ def run_torchrun(cfg: c.TrainerConfig, argv: list[str]) -> int:
     if rc != 0:
         LOG.warning("torchrun finished with exit code %d (%s)", rc, detail)
     return rc
+
+
+def _prepare_env(cfg: c.TrainerConfig, nproc: int) -> str | None:
+    """The agent's and the workers' environment; returns the directory for the ranks' reports, if any."""
+    env = os.environ
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # docs/TRAINER.md pitfall 11
+    # The workers end themselves FT_STOP_TIMEOUT_SECONDS after SIGTERM; the agent waits a
+    # little longer before its SIGKILL (its default, 30 s, can cut a save short).
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(cfg.stop_timeout + 5)
+    env[c.ENV_LAUNCHER_PID] = str(os.getpid())
+    report_dir = _report_dir()
+    if report_dir:
+        env[c.ENV_RANK_REPORT_DIR] = report_dir
+    return report_dir
 
 
 # Once rank 0 has reported "completed" (adapter saved, process group torn down), torchrun
@@ -242,7 +249,7 @@ def _run_agent(args: list[str]) -> tuple[int, str]:
         codes = {int(r): int(f.exitcode) for r, f in e.failures.items()}
         detail = "workers failed: " + ", ".join(f"rank {r} exit {x}" for r, x in sorted(codes.items()))
         return exit_code_for_failures(codes), detail
-    except Exception as e:  # noqa: BLE001 - e.g. rendezvous errors
+    except Exception as e:  # broad on purpose: e.g. rendezvous errors
         return c.EXIT_ERROR, f"torchrun failed: {type(e).__name__}: {e}"
 
 
@@ -281,8 +288,3 @@ def main(cfg: c.TrainerConfig, argv: list[str]) -> int:
 
     return worker.run(cfg)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from .__main__ import main as _main
-
-    sys.exit(_main())

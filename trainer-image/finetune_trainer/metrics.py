@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 import finetune_contract as c
+
 from .util import atomic_write_text
 
 
@@ -35,8 +37,7 @@ class TrainerMetrics:
             "Unix time of the last completed step (advances only when steps advance)",
             registry=r,
         )
-        self.server = None
-        self.thread = None
+        self.server: WSGIServer | None = None
         self.port: int | None = None
         self._last_step = -1
 
@@ -55,8 +56,9 @@ class TrainerMetrics:
 
         The port is also written to ``<port_file_dir>/metrics-port`` when given.
         """
-        self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
-        self.port = int(self.server.server_port)
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)  # shutdown() ends the thread
+        self.server = server
+        self.port = int(server.server_port)
         if port_file_dir:
             os.makedirs(port_file_dir, exist_ok=True)
             atomic_write_text(os.path.join(port_file_dir, c.METRICS_PORT_FILE), f"{self.port}\n")

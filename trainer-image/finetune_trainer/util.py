@@ -38,7 +38,7 @@ def flush_and_exit(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001
+        except Exception:  # broad on purpose: a closed or broken stream must not stop the exit
             pass
     os._exit(code)
 
@@ -78,9 +78,3 @@ def env_rank() -> int:
     except ValueError:
         return 0
 
-
-def env_local_rank() -> int:
-    try:
-        return int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        return 0

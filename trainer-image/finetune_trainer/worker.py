@@ -8,121 +8,18 @@ Only global rank 0 serves metrics and writes the termination message and checkpo
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import finetune_contract as c
 
 from . import checkpoints as ckpts
-import finetune_contract as c
-from .util import LOG, env_rank, exit_with_stacks, setup_logging
+from .stop import PreemptedBeforeTraining, StopDeadline, StopSignal
+from .util import LOG, env_rank, setup_logging
 
-
-class PreemptedBeforeTraining(BaseException):
-    """SIGTERM arrived before the training loop began: nothing new to save.
-
-    A BaseException (like KeyboardInterrupt) so library code catching Exception while
-    loading the model does not swallow it.
-    """
-
-
-class StopSignal:
-    """SIGTERM/SIGINT → a flag, serviced at the next step boundary.
-
-    Before the training loop starts there is nothing to save, so the handler raises
-    :class:`PreemptedBeforeTraining` instead (model loading can take minutes).
-    Signal handlers can only be installed from the main thread (docs/TRAINER.md pitfall 8); elsewhere
-    this is a no-op apart from :meth:`request`.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, deadline: StopDeadline | None = None) -> None:
-        self.event = threading.Event()
-        self.signum: int | None = None
-        self.training_started = False
-        self.concluding = False  # an outcome is being reported: a signal only sets the flag
-        self.deadline = deadline
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> bool:
-        if threading.current_thread() is not threading.main_thread():
-            LOG.warning("not on the main thread: SIGTERM handling disabled")
-            return False
-        for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
-        return True
-
-    def uninstall(self) -> None:
-        for s, prev in self._previous.items():
-            try:
-                signal.signal(s, prev)
-            except (ValueError, TypeError):
-                pass
-        self._previous.clear()
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        first = not self.event.is_set()
-        self.request(signum)
-        if first and not self.training_started and not self.concluding:
-            raise PreemptedBeforeTraining(signal.Signals(signum).name)
-
-    def request(self, signum: int = signal.SIGTERM) -> None:
-        if self.signum is None:
-            self.signum = signum
-        self.event.set()
-        if self.deadline is not None:
-            self.deadline.arm(self.exit_code)
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or signal.SIGTERM)
-
-    def exit_code_for(self, outcome: str) -> int:
-        """A stop exits 128 + the signal that caused it; other outcomes by the contract."""
-        return self.exit_code if outcome == c.OUTCOME_PREEMPTED else c.OUTCOME_EXIT_CODES[outcome]
-
-
-class StopDeadline:
-    """Once a stop is requested, the process exits within ``seconds`` whatever blocks it.
-
-    A collective whose peer is gone, a wedged process-group teardown or a slow save must
-    not turn SIGTERM into the kubelet's SIGKILL (exit 137, no termination message). A
-    daemon thread waits; on expiry it dumps every thread's stack (where it hung), has
-    ``on_expiry`` write the termination message, and ends the process with ``os._exit``.
-    """
-
-    def __init__(self, seconds: float, on_expiry: Any) -> None:
-        self.seconds = seconds
-        self.on_expiry = on_expiry
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._cancelled = threading.Event()
-
-    def arm(self, exit_code: int) -> None:
-        with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(
-                target=self._run, args=(exit_code,), name="stop-deadline", daemon=True
-            )
-            self._thread.start()
-
-    def cancel(self) -> None:
-        """The run returned on its own (in-process callers live on after it)."""
-        self._cancelled.set()
-
-    def _run(self, exit_code: int) -> None:
-        if self._cancelled.wait(self.seconds):
-            return
-        exit_with_stacks(
-            exit_code,
-            f"still running {self.seconds:.0f}s after the stop request: exiting now",
-            lambda: self.on_expiry(self.seconds),
-        )
+if TYPE_CHECKING:
+    from .metrics import TrainerMetrics
 
 
 class Report:
@@ -197,6 +94,7 @@ def write_rank_report(msg: dict[str, Any]) -> None:
     except OSError as e:
         LOG.warning("could not leave this rank's report in %s: %s", directory, e)
 
+
 def check_model_path(model: str) -> str:
     """Resolve a local model directory to an absolute path (docs/TRAINER.md pitfall 4), else keep the hub id.
 
@@ -239,71 +137,89 @@ def run(cfg: c.TrainerConfig) -> int:
     stopper = StopSignal(deadline)
     stopper.install()
     try:
-        return _attempt(cfg, rank, report, stopper)
+        outcome = _attempt(cfg, rank, report, stopper)
     except PreemptedBeforeTraining as e:
         # The signal came while an outcome was being reported (a peer rank failed and torchrun
         # stopped this one): an outcome already written stands; otherwise it is a stop.
         written = report.written or report.finish(
             c.OUTCOME_PREEMPTED, f"stopped by {e} before training started; nothing new to save"
         )
-        return stopper.exit_code_for(written["outcome"])
+        outcome = written["outcome"]
     finally:
         stopper.uninstall()
         deadline.cancel()
+    return stopper.exit_code_for(outcome)  # the one place an outcome becomes an exit code
 
 
-def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSignal) -> int:
-    """Checks, then training; reports the outcome and returns the exit code."""
-    metrics = None
+def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSignal) -> str:
+    """Checks, then training; reports the outcome (termination message) and returns it."""
     try:
-        problems = cfg.problems()
-        if problems:
-            raise c.ConfigError("; ".join(problems))
-        from . import data
-
-        examples = data.load_examples(cfg)
-        model_path = check_model_path(cfg.model)
-        if cfg.resume_from:
-            ckpts.explicit_start(cfg.resume_from)
-        if rank == 0:
-            check_writable_dir(cfg.output_dir, "output directory")
-            check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
-            from .metrics import TrainerMetrics
-
-            metrics = TrainerMetrics()
-            if cfg.max_steps:
-                metrics.total_steps.set(cfg.max_steps)
-            port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.output_dir)
-            LOG.info("metrics on http://%s:%d%s", cfg.metrics_addr, port, c.METRICS_PATH)
-        from . import training
-
-        outcome, message = training.train(cfg, model_path, examples, stopper, report, metrics)
+        outcome, message = _checked_training(cfg, rank, report, stopper)
     except c.ConfigError as e:
         stopper.concluding = True  # a SIGTERM from here on must not replace this outcome
         reason = c.one_line(str(e))
         LOG.error("configuration error: %s", reason)
         report.finish(c.OUTCOME_CONFIG_ERROR, reason)
-        return c.EXIT_CONFIG_ERROR
+        return c.OUTCOME_CONFIG_ERROR
     except PreemptedBeforeTraining as e:
         stopper.concluding = True
         report.note_latest_checkpoint()
         msg = f"stopped by {e} before training started; nothing new to save"
         LOG.warning(msg)
         report.finish(c.OUTCOME_PREEMPTED, msg)
-        return stopper.exit_code
-    except Exception as e:  # noqa: BLE001 - every failure must leave a termination message
+        return c.OUTCOME_PREEMPTED
+    except Exception as e:  # broad on purpose: every failure must leave a termination message
         stopper.concluding = True
         traceback.print_exc()
         report.refresh_checkpoint()
         msg = f"{type(e).__name__}: {e}"
         LOG.error("training failed: %s", c.one_line(msg))
         report.finish(c.OUTCOME_ERROR, msg)
-        return c.EXIT_ERROR
-    finally:
-        if metrics is not None:
-            metrics.close(wait=False)
+        return c.OUTCOME_ERROR
     stopper.concluding = True
     report.finish(outcome, message)
     if rank == 0:
         LOG.info("%s: %s", outcome, message)
-    return stopper.exit_code_for(outcome)
+    return outcome
+
+
+def _checked_training(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSignal) -> tuple[str, str]:
+    """Cheap checks, then the training run with rank 0's metrics server around it."""
+    model_path, examples = _check(cfg, rank)
+    metrics = _new_metrics(cfg) if rank == 0 else None
+    try:
+        if metrics is not None:
+            port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.output_dir)
+            LOG.info("metrics on http://%s:%d%s", cfg.metrics_addr, port, c.METRICS_PATH)
+        from . import training  # torch, transformers, peft: only after the cheap checks
+
+        return training.train(cfg, model_path, examples, stopper, report, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close(wait=False)
+
+
+def _check(cfg: c.TrainerConfig, rank: int) -> tuple[str, list[str] | list[tuple[str, str]]]:
+    """Torch-free configuration checks; returns (model path, examples). Raises ConfigError."""
+    problems = cfg.problems()
+    if problems:
+        raise c.ConfigError("; ".join(problems))
+    from . import data
+
+    examples = data.load_examples(cfg)
+    model_path = check_model_path(cfg.model)
+    if cfg.resume_from:
+        ckpts.explicit_start(cfg.resume_from)
+    if rank == 0:
+        check_writable_dir(cfg.output_dir, "output directory")
+        check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
+    return model_path, examples
+
+
+def _new_metrics(cfg: c.TrainerConfig) -> TrainerMetrics:
+    from .metrics import TrainerMetrics
+
+    metrics = TrainerMetrics()
+    if cfg.max_steps:
+        metrics.total_steps.set(cfg.max_steps)
+    return metrics
