@@ -18,7 +18,9 @@ import datetime as dt
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 _LINE = re.compile(r'^(\w+)\{(.*)\}\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -35,8 +37,17 @@ rules:
 - level: Metadata
 """
 
+# (resource, VERB) -> requests
+ApiCounts = Counter[tuple[str, str]]
 
-def parse_counter(text: str, name: str) -> list[tuple[dict, float]]:
+
+class AuditCounts(TypedDict):
+    counts: ApiCounts                     # (resource, VERB) -> requests
+    failed: Counter[tuple[str, str, int]]  # (resource, VERB, HTTP code) -> failed requests
+    agents: Counter[str]                  # user agent -> requests
+
+
+def parse_counter(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     out = []
     prefix = name + "{"
     for line in text.splitlines():
@@ -49,16 +60,17 @@ def parse_counter(text: str, name: str) -> list[tuple[dict, float]]:
     return out
 
 
-def operator_counts(text: str) -> Counter:
+def operator_counts(text: str) -> ApiCounts:
     """(resource, VERB) -> requests, from finetune_operator_api_requests_total."""
-    c: Counter = Counter()
+    c: ApiCounts = Counter()
     for labels, value in parse_counter(text, "finetune_operator_api_requests_total"):
-        c[(labels.get("resource", ""), labels.get("verb", "").upper())] += value
+        # typeshed: Counter values are int only; Counter documents any number (the float sample)
+        c[(labels.get("resource", ""), labels.get("verb", "").upper())] += value  # type: ignore[assignment]
     return c
 
 
-def diff(after: Counter, before: Counter) -> Counter:
-    out: Counter = Counter()
+def diff(after: ApiCounts, before: ApiCounts) -> ApiCounts:
+    out: ApiCounts = Counter()
     for k in set(after) | set(before):
         d = after.get(k, 0) - before.get(k, 0)
         if d:
@@ -66,7 +78,7 @@ def diff(after: Counter, before: Counter) -> Counter:
     return out
 
 
-def by_verb(counts: Counter, jobs: int) -> dict[str, float]:
+def by_verb(counts: ApiCounts, jobs: int) -> dict[str, float]:
     """counts keyed (resource, VERB) -> VERB -> requests per job, plus 'writes' and 'total'
     (WATCH excluded from 'total': a watch is a stream, not a request per job)."""
     per: dict[str, float] = {v: 0.0 for v in VERBS}
@@ -95,12 +107,12 @@ def _ts(value: str) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def audit_counts(path: Path, start: float, end: float, agent) -> dict:
+def audit_counts(path: Path, start: float, end: float, agent: Callable[[str], bool]) -> AuditCounts:
     """Requests by the clients `agent(user_agent)` accepts, whose response completed (or,
     for WATCH, started) within [start, end] (wall clock seconds)."""
-    by_key: Counter = Counter()
-    failed: Counter = Counter()
-    agents: Counter = Counter()
+    by_key: ApiCounts = Counter()
+    failed: Counter[tuple[str, str, int]] = Counter()
+    agents: Counter[str] = Counter()
     with open(path, errors="replace") as f:
         for line in f:
             try:

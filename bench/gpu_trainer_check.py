@@ -27,8 +27,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TypedDict
 
-LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+class LoraSettings(TypedDict):
+    """The LoRA keyword arguments of peft.LoraConfig that both variants use."""
+
+    r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str]
+
+
+LORA: LoraSettings = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 LR, SEED = 2e-4, 42
 
 
@@ -37,7 +48,7 @@ def _timer():
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.marks: list[tuple[float, int]] = []
 
         def on_step_end(self, args, state, control, **kw):
@@ -58,7 +69,7 @@ def _timer():
     return Timer()
 
 
-def run_ours(a, workdir: str) -> dict:
+def run_ours(a: argparse.Namespace, workdir: str) -> dict:
     import finetune_contract as c
     from finetune_trainer import data as d
     from finetune_trainer import training
@@ -84,7 +95,7 @@ def run_ours(a, workdir: str) -> dict:
     return timer.result(a.warmup)
 
 
-def run_plain(a, workdir: str) -> dict:
+def run_plain(a: argparse.Namespace, workdir: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -105,11 +116,12 @@ def run_plain(a, workdir: str) -> dict:
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     with open(a.dataset, encoding="utf-8") as fh:
         texts = [json.loads(line)["text"] for line in fh if line.strip()]
     enc = tok(texts, truncation=True, max_length=a.seq_len)
-    features = [{"input_ids": i, "attention_mask": m} for i, m in zip(enc["input_ids"], enc["attention_mask"])]
+    pairs = zip(enc["input_ids"], enc["attention_mask"], strict=True)
+    features = [{"input_ids": i, "attention_mask": m} for i, m in pairs]
     args = TrainingArguments(
         output_dir=os.path.join(workdir, "plain"), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
         learning_rate=LR, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
@@ -119,7 +131,7 @@ def run_plain(a, workdir: str) -> dict:
     )  # fmt: skip
     timer = _timer()
     trainer = Trainer(
-        model=model,
+        model=peft_model,
         args=args,
         train_dataset=features,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),

@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import requests
 from requests.adapters import HTTPAdapter
+
+if TYPE_CHECKING:
+    from finetune_testbed.cluster import LocalCluster
 
 MERGE = "application/merge-patch+json"
 
@@ -42,13 +46,14 @@ def resource_key(method: str, path: str, watch: bool = False) -> tuple[str, str,
 class Api:
     def __init__(self, server: str, ca: str, cert: str, key: str, pool: int = 16):
         self.server = server.rstrip("/")
-        self._tls = dict(verify=ca, cert=(cert, key))
+        self._verify = ca
+        self._cert = (cert, key)
         self.session = self._new_session(pool)
-        self.counts: Counter = Counter()
+        self.counts: Counter[tuple[str, str, str]] = Counter()
         self._lock = threading.Lock()
 
     @classmethod
-    def for_cluster(cls, cluster) -> "Api":
+    def for_cluster(cls, cluster: LocalCluster) -> Api:
         p = cluster.pki
         return cls(cluster.server, str(p.ca_cert), str(p.admin_cert), str(p.admin_key))
 
@@ -56,7 +61,7 @@ class Api:
         s = requests.Session()
         # REQUESTS_CA_BUNDLE in the environment would beat session.verify: do not read it.
         s.trust_env = False
-        s.verify, s.cert = self._tls["verify"], self._tls["cert"]
+        s.verify, s.cert = self._verify, self._cert
         adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool)
         s.mount("https://", adapter)
         return s
@@ -65,8 +70,9 @@ class Api:
         with self._lock:
             self.counts[resource_key(method, path, watch)] += 1
 
-    def request(self, method: str, path: str, *, body=None, params=None,
-                content_type: str = "application/json", timeout: float = 30):
+    def request(self, method: str, path: str, *, body: object = None, params: dict[str, str] | None = None,
+                content_type: str = "application/json", timeout: float = 30) -> Any:
+        """The decoded JSON response (None when empty); ApiError for HTTP >= 400."""
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
@@ -79,13 +85,13 @@ class Api:
             raise ApiError(resp.status_code, resp.text, method, path)
         return resp.json() if resp.content else None
 
-    def get(self, path: str, **params):
+    def get(self, path: str, **params: str) -> Any:
         return self.request("GET", path, params=params or None)
 
-    def create(self, path: str, body: dict):
+    def create(self, path: str, body: dict) -> Any:
         return self.request("POST", path, body=body)
 
-    def merge_patch(self, path: str, body: dict):
+    def merge_patch(self, path: str, body: dict) -> Any:
         return self.request("PATCH", path, body=body, content_type=MERGE)
 
     def raw_text(self, path: str, timeout: float = 60) -> str:
@@ -105,6 +111,8 @@ class Api:
                    timeout=(10, timeout_seconds + 30)) as resp:
             if resp.status_code >= 400:
                 raise ApiError(resp.status_code, resp.text, "WATCH", path)
-            for line in resp.iter_lines(chunk_size=None):
+            # chunk_size=None (read as data arrives) is valid: iter_lines hands it to iter_content,
+            # which accepts None, but requests annotates iter_lines' chunk_size as int only.
+            for line in resp.iter_lines(chunk_size=None):  # type: ignore[call-overload]
                 if line:
                     yield json.loads(line)

@@ -43,7 +43,7 @@ class ProcSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="procstat")
 
-    def start(self) -> "ProcSampler":
+    def start(self) -> ProcSampler:
         self._thread.start()
         return self
 

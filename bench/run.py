@@ -23,11 +23,14 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from finetune_testbed.cluster import REPO, ClusterConfig, LocalCluster
 from finetune_testbed.operator_proc import OperatorProcess
+from finetune_testbed.procs import Proc
 
 from . import apimetrics, profiling, report, workload
 from .kubeapi import Api, ApiError
@@ -42,10 +45,18 @@ OPERATOR_ARGS = ["--timer-interval", "30", "--progress-interval", "10",
                  "--log-level", "INFO"]
 CONTROL_PLANE = ("kube-apiserver", "etcd", "kwok", "kube-scheduler")
 T0 = time.monotonic()
+T = TypeVar("T")
 
 
 def log(msg: str) -> None:
     print(f"[bench {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _started_pid(pid: int | None, what: str) -> int:
+    """The pid of a process that has been started (psutil.Process(None) would be this one)."""
+    if pid is None:
+        raise RuntimeError(f"{what} has not been started")
+    return pid
 
 
 # ---- the two sides --------------------------------------------------------------------------
@@ -55,7 +66,7 @@ class Side:
     group = resource = ""
     pod_owner_label = ""
 
-    def __init__(self, ctx: "Context"):
+    def __init__(self, ctx: Context):
         self.ctx = ctx
         self.namespace = f"bench-{self.key}-{ctx.run_id}"
 
@@ -65,7 +76,12 @@ class Side:
     def manifest(self, name: str) -> dict:
         raise NotImplementedError
 
-    def owner_state(self, obj: dict):
+    def owner_state(self, obj: dict) -> str | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def agent(ua: str) -> bool:
+        """Whether a request with this user agent was made by the controller under test."""
         raise NotImplementedError
 
     def setup(self) -> None: ...
@@ -88,7 +104,7 @@ class OperatorSide(Side):
     def manifest(self, name: str) -> dict:
         return workload.trainingjob(name, self.ctx.run_id)
 
-    def owner_state(self, obj: dict):
+    def owner_state(self, obj: dict) -> str | None:
         return trainingjob_state(obj)
 
     def setup(self) -> None:
@@ -96,17 +112,18 @@ class OperatorSide(Side):
         self.op = OperatorProcess(c.cluster.kubeconfig, c.cluster.log_dir, args=c.operator_args,
                                   python=c.operator_python)
         self.op.start()
-        c.sampler.track("controller", self.op.pid, from_zero=True)
-        self.counts = Counter()
+        c.sampler.track("controller", _started_pid(self.op.pid, "operator"), from_zero=True)
+        self.counts: apimetrics.ApiCounts = Counter()
         self.base = apimetrics.operator_counts(self.op.metrics_text())
-        self.profiles = []
+        self.profiles: list[str] = []
         self.profiler = self._profile("run")
 
-    def _profile(self, tag: str):
+    def _profile(self, tag: str) -> profiling.Profiler | None:
         if not self.ctx.args.profile:
             return None
         out = self.ctx.state_dir / f"bench-{self.ctx.stamp}-profile-{tag}.txt"
-        return profiling.Profiler(self.op.pid, out, rate=self.ctx.args.profile_rate)
+        return profiling.Profiler(_started_pid(self.op.pid, "operator"), out,
+                                  rate=self.ctx.args.profile_rate)
 
     def _stop_profiler(self) -> None:
         if self.profiler:
@@ -115,7 +132,7 @@ class OperatorSide(Side):
                 self.profiles.append(str(path))
             self.profiler = None
 
-    def _scrape(self) -> Counter:
+    def _scrape(self) -> apimetrics.ApiCounts:
         return apimetrics.operator_counts(self.op.metrics_text())
 
     def before_kill(self) -> None:
@@ -128,7 +145,7 @@ class OperatorSide(Side):
 
     def restart(self) -> None:
         self.op.start(wait_ready=False)
-        self.ctx.sampler.track("controller", self.op.pid, from_zero=True)
+        self.ctx.sampler.track("controller", _started_pid(self.op.pid, "operator"), from_zero=True)
         self.base = Counter()
         if self.ctx.args.profile:
             wait_until(self.op.ready, 60, "restarted operator ready")
@@ -165,15 +182,15 @@ class JobSide(Side):
     def manifest(self, name: str) -> dict:
         return workload.batch_job(name, self.ctx.run_id)
 
-    def owner_state(self, obj: dict):
+    def owner_state(self, obj: dict) -> str | None:
         return job_state(obj)
 
     @property
-    def kcm(self):
+    def kcm(self) -> Proc:
         return self.ctx.cluster.procs["kube-controller-manager"]
 
     def setup(self) -> None:
-        self.ctx.sampler.track("controller", self.kcm.pid, from_zero=False)
+        self.ctx.sampler.track("controller", _started_pid(self.kcm.pid, self.kcm.name), from_zero=False)
 
     def kill(self) -> None:
         self.ctx.sampler.sample("controller")
@@ -181,18 +198,18 @@ class JobSide(Side):
 
     def restart(self) -> None:
         self.kcm.start()
-        self.ctx.sampler.track("controller", self.kcm.pid, from_zero=True)
+        self.ctx.sampler.track("controller", _started_pid(self.kcm.pid, self.kcm.name), from_zero=True)
 
     def finish(self) -> dict:
         return {"api_own_total": None, "api_own_writes": None}
 
 
-SIDES = {"ours": OperatorSide, "jobs": JobSide}
+SIDES: dict[str, type[Side]] = {"ours": OperatorSide, "jobs": JobSide}
 
 
 # ---- one side's run ---------------------------------------------------------------------------
 class Context:
-    def __init__(self, args):
+    def __init__(self, args: argparse.Namespace, cluster: LocalCluster, audit_log: Path):
         self.args = args
         self.n = args.jobs
         self.run_id = uuid.uuid4().hex[:6]
@@ -201,11 +218,23 @@ class Context:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.operator_args = args.operator_args or OPERATOR_ARGS
         self.operator_python = args.operator_python
-        self.cluster: LocalCluster | None = None
-        self.api: Api | None = None
+        self.cluster = cluster
+        self.audit_log = audit_log  # the API server's audit log (apimetrics)
+        self._api: Api | None = None
         self.sampler = ProcSampler()
         self.pool = ThreadPoolExecutor(max(1, args.threads))
         self.last_side: Side | None = None
+
+    @property
+    def api(self) -> Api:
+        """The benchmark's client, set once the control plane is up."""
+        if self._api is None:
+            raise RuntimeError("bench Context.api: the control plane is not up yet")
+        return self._api
+
+    @api.setter
+    def api(self, api: Api) -> None:
+        self._api = api
 
 
 def _names(n: int) -> list[str]:
@@ -216,7 +245,7 @@ def _create_namespace(ctx: Context, ns: str) -> None:
     ctx.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                           "metadata": {"name": ns}})
 
-    def sa_exists():
+    def sa_exists() -> dict | None:
         try:
             return ctx.api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default")
         except ApiError:
@@ -228,7 +257,7 @@ def _delete_namespace(ctx: Context, ns: str, timeout: float) -> float:
     t = time.monotonic()
     ctx.api.request("DELETE", f"/api/v1/namespaces/{ns}")
 
-    def gone():
+    def gone() -> bool:
         try:
             ctx.api.get(f"/api/v1/namespaces/{ns}")
             return False
@@ -238,12 +267,12 @@ def _delete_namespace(ctx: Context, ns: str, timeout: float) -> float:
     return time.monotonic() - t
 
 
-def _run_all(ctx: Context, fn, items) -> None:
+def _run_all(ctx: Context, fn: Callable[[T], object], items: Iterable[T]) -> None:
     for f in [ctx.pool.submit(fn, item) for item in items]:
         f.result()
 
 
-def _paced(ctx: Context, fn, items, rate: float) -> None:
+def _paced(ctx: Context, fn: Callable[[T], object], items: Sequence[T], rate: float) -> None:
     """Calls fn(item) at `rate` per second (started on schedule, run on the pool)."""
     start, futures = time.monotonic(), []
     for i, item in enumerate(items):
@@ -265,9 +294,11 @@ def warm_up(ctx: Context) -> None:
     create (about 2 s, once per fresh CRD), which is no property of either controller."""
     ns = f"bench-warmup-{ctx.run_id}"
     _create_namespace(ctx, ns)
-    for side, path in ((OperatorSide, f"/apis/finetune.dev/v1alpha1/namespaces/{ns}/trainingjobs"),
-                       (JobSide, f"/apis/batch/v1/namespaces/{ns}/jobs")):
-        body = side.manifest(side(ctx), "warmup")
+    owners: list[tuple[type[Side], str]] = [
+        (OperatorSide, f"/apis/finetune.dev/v1alpha1/namespaces/{ns}/trainingjobs"),
+        (JobSide, f"/apis/batch/v1/namespaces/{ns}/jobs")]
+    for side_cls, path in owners:
+        body = side_cls(ctx).manifest("warmup")
         body["spec"]["suspend"] = True
         ctx.api.create(path, body)
         ctx.api.request("DELETE", f"{path}/warmup")
@@ -303,7 +334,7 @@ def run_side(ctx: Context, side: Side) -> dict:
     ctx.sampler.reset("controller")
     for name in CONTROL_PLANE:
         ctx.sampler.reset(name)
-        ctx.sampler.track(name, ctx.cluster.procs[name].pid, from_zero=False)
+        ctx.sampler.track(name, _started_pid(ctx.cluster.procs[name].pid, name), from_zero=False)
     side.setup()
     watcher = Watcher(api, side.namespace, side.owner_path(), side.owner_state,
                       side.pod_owner_label).start()
@@ -317,7 +348,7 @@ def run_side(ctx: Context, side: Side) -> dict:
         t0 = time.monotonic()
         create_s: list[float] = []
 
-        def create(name):
+        def create(name: str) -> None:
             t = time.monotonic()
             api.create(side.owner_path(), side.manifest(name))
             create_s.append(time.monotonic() - t)
@@ -416,7 +447,7 @@ def run_side(ctx: Context, side: Side) -> dict:
 
 
 # ---- main ----------------------------------------------------------------------------------------
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=1000, help="N owners per side (default 1000)")
@@ -449,7 +480,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _finite(value):
+def _finite(value: object) -> object:
     """NaN/inf -> null, so the record is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -460,14 +491,23 @@ def _finite(value):
     return value
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ctx = Context(args)
     order = ["ours", "jobs"] if args.order == "ours-first" else ["jobs", "ours"]
     if args.only:
         order = [args.only]
     n = args.jobs
     nodes = math.ceil(n / 8) + args.extra_nodes
+    log(f"starting local control plane with {nodes} kwok GPU nodes")
+    cluster = LocalCluster(config=ClusterConfig(gpu_nodes=nodes, gpus_per_node=8, no_limits=True))
+    # Audit log (level Metadata): who made which request, for the API accounting.
+    policy = cluster.workdir / "audit-policy.yaml"
+    policy.write_text(apimetrics.AUDIT_POLICY)
+    audit_log = cluster.workdir / "audit.log"
+    cluster.config.extra_apiserver_args += [f"--audit-policy-file={policy}",
+                                            f"--audit-log-path={audit_log}",
+                                            "--audit-log-maxsize=0"]
+    ctx = Context(args, cluster, audit_log)
     meta = {"jobs": n, "nodes": nodes, "gpus_per_node": 8, "cores": os.cpu_count(),
             "order": " then ".join(order), "rate_per_s": args.rate,
             "restart_changes": min(args.restart_changes, n // 2),
@@ -478,16 +518,6 @@ def main(argv=None) -> int:
                          "level Metadata (blocking file backend) for the API accounting",
             "measured_by": "independent watch client in the benchmark process (monotonic clock)",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    log(f"starting local control plane with {nodes} kwok GPU nodes")
-    cluster = LocalCluster(config=ClusterConfig(gpu_nodes=nodes, gpus_per_node=8, no_limits=True))
-    # Audit log (level Metadata): who made which request, for the API accounting.
-    policy = cluster.workdir / "audit-policy.yaml"
-    policy.write_text(apimetrics.AUDIT_POLICY)
-    ctx.audit_log = cluster.workdir / "audit.log"
-    cluster.config.extra_apiserver_args += [f"--audit-policy-file={policy}",
-                                            f"--audit-log-path={ctx.audit_log}",
-                                            "--audit-log-maxsize=0"]
-    ctx.cluster = cluster
     results: dict = {}
     t_start = time.monotonic()
     try:

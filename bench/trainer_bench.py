@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from finetune_testbed.trainer_fixtures import quiet_offline_env  # noqa: E402
+from finetune_testbed.trainer_fixtures import quiet_offline_env
 
 quiet_offline_env()
 
@@ -43,7 +43,7 @@ def _step_timer():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        def __init__(self):
+        def __init__(self) -> None:
             self.times: list[float] = []
 
         def on_step_end(self, args, state, control, **kw):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .kubeapi import Api, ApiError
 
@@ -29,9 +29,13 @@ class OwnerRecord:
     times: dict[str, float] = field(default_factory=dict)  # state -> first time seen
 
 
+# A TrainingJob's status.phase, and a pod's, -> the owner state it stands for.
+_PHASE_STATE = {"Running": "running", "Succeeded": "complete", "Failed": "failed"}
+
+
 def trainingjob_state(obj: dict) -> str | None:
     phase = (obj.get("status") or {}).get("phase")
-    return {"Running": "running", "Succeeded": "complete", "Failed": "failed"}.get(phase)
+    return _PHASE_STATE.get(phase) if phase is not None else None
 
 
 def job_state(obj: dict) -> str | None:
@@ -77,12 +81,12 @@ class _Stream(threading.Thread):
                         self.on_event(ev["type"], obj, now)
                     if self.stop.is_set():
                         return
-            except (ApiError, OSError, ValueError, KeyError) as exc:  # noqa: PERF203
+            except (ApiError, OSError, ValueError, KeyError) as exc:
                 self.errors += 1
                 if isinstance(exc, ApiError) and exc.status == 410:
                     rv = None
                 time.sleep(0.5)
-            except Exception:  # noqa: BLE001 - requests raises many kinds on a cut stream
+            except Exception:
                 self.errors += 1
                 time.sleep(0.5)
 
@@ -100,7 +104,7 @@ class Watcher:
             _Stream(api, owner_path, self._owner_event, self._stop),
         ]
 
-    def start(self, timeout: float = 30) -> "Watcher":
+    def start(self, timeout: float = 30) -> Watcher:
         for s in self.streams:
             s.start()
         for s in self.streams:
@@ -123,7 +127,8 @@ class Watcher:
                 rec = self.pods[name] = PodRecord((meta.get("labels") or {}).get(self._label), now)
             if phase != rec.phase:
                 rec.phase = phase
-                rec.times.setdefault(phase, now)
+                if phase is not None:
+                    rec.times.setdefault(phase, now)
 
     def _owner_event(self, type_: str, obj: dict, now: float) -> None:
         name = (obj.get("metadata") or {}).get("name")
@@ -163,8 +168,7 @@ class Watcher:
             bad = 0
             for name, owner in self.owners.items():
                 pod = by_owner.get(name)
-                want = {"Running": "running", "Succeeded": "complete",
-                        "Failed": "failed"}.get(pod.phase if pod else None)
+                want = _PHASE_STATE.get(pod.phase) if pod and pod.phase is not None else None
                 if want is None or owner.state != want:
                     bad += 1
             return bad

@@ -58,8 +58,10 @@ def serve(args) -> int:
             node = RealNode(cluster, gpus=args.real_node_gpus, workdir=STATE_DIR / "node",
                             fresh=True)
             node.start()
+            startup = node.startup_seconds  # set by start()
             extra = {"real_node": node.name, "real_node_startup_seconds":
-                     round(node.startup_seconds, 1), "real_node_logs": str(node.log_dir)}
+                     round(startup, 1) if startup is not None else None,
+                     "real_node_logs": str(node.log_dir)}
         STATE_FILE.write_text(json.dumps({"pid": os.getpid(), "ready": True,
                                           "startup_seconds": round(cluster.startup_seconds, 1),
                                           **cluster.summary(), **extra}))

@@ -10,8 +10,10 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .cluster import REPO, LocalCluster
@@ -32,48 +34,75 @@ def say(msg: str) -> None:
 class Demo:
     def __init__(self, state: Path):
         self.state = state
-        self.cluster: LocalCluster | None = None
-        self.operator: OperatorProcess | None = None
-        self.node: RealNode | None = None
+        # Set by start(), each as soon as it exists, so stop() cleans up a partial start.
+        self._cluster: LocalCluster | None = None
+        self._operator: OperatorProcess | None = None
+        self._node: RealNode | None = None
         self.drained_node: str | None = None
         self.evicted = False
 
+    @property
+    def cluster(self) -> LocalCluster:
+        if self._cluster is None:
+            raise RuntimeError("demo not started: no control plane")
+        return self._cluster
+
+    @property
+    def operator(self) -> OperatorProcess:
+        if self._operator is None:
+            raise RuntimeError("demo not started: no operator")
+        return self._operator
+
+    @property
+    def node(self) -> RealNode:
+        if self._node is None:
+            raise RuntimeError("demo not started: no real node")
+        return self._node
+
     # ---- setup -------------------------------------------------------------------------
     def start(self) -> None:
-        say("building or reusing the control plane binaries (first run with empty Go caches: ~17 min on 2 cores, progress every 30 s)")
-        self.cluster = LocalCluster()
+        say(
+            "building or reusing the control plane binaries "
+            "(first run with empty Go caches: ~17 min on 2 cores, progress every 30 s)"
+        )
+        self._cluster = LocalCluster()
         self.cluster.start()
-        say(f"control plane ready in {self.cluster.startup_seconds:.1f}s: etcd, kube-apiserver, "
-            f"scheduler, controller-manager, kwok with {self.cluster.config.gpu_nodes} GPU nodes")
+        say(
+            f"control plane ready in {self.cluster.startup_seconds:.1f}s: etcd, kube-apiserver, "
+            f"scheduler, controller-manager, kwok with {self.cluster.config.gpu_nodes} GPU nodes"
+        )
         self.kubectl("apply", "-f", str(REPO / "crds"))
         self.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev")
-        say("starting the real node (kubelet, containerd, runc, CNI bridge; the trainer image "
-            "is imported into containerd: a few minutes the first time)")
+        say(
+            "starting the real node (kubelet, containerd, runc, CNI bridge; the trainer image "
+            "is imported into containerd: a few minutes the first time)"
+        )
         # The node's directory (claims, pod logs) outlives the demo for a look at the adapter;
         # the next demo starts it afresh.
-        self.node = RealNode(self.cluster, gpus=1, workdir=self.state / "node", fresh=True)
+        self._node = RealNode(self.cluster, gpus=1, workdir=self.state / "node", fresh=True)
         self.node.start()
-        say(f"real node {self.node.name} ready in {self.node.startup_seconds:.1f}s "
-            "(containerd://, 1 x nvidia.com/gpu from the fake device plugin)")
-        self.operator = OperatorProcess(self.cluster.kubeconfig, self.cluster.log_dir)
+        say(
+            f"real node {self.node.name} ready in {self.node.startup_seconds:.1f}s "
+            "(containerd://, 1 x nvidia.com/gpu from the fake device plugin)"
+        )
+        self._operator = OperatorProcess(self.cluster.kubeconfig, self.cluster.log_dir)
         self.operator.start()
         say(f"operator running (pid {self.operator.pid}), metrics at {self.operator.metrics_url}")
         say("building a tiny random Llama and a dataset on disk (no model hub)")
         assets = prepare_assets(self.state / "assets")
         self.kubectl("create", "namespace", NS)
-        self.wait(lambda: self.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0,
-                  60)
+        self.wait(lambda: self.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0, 60)
         self.node.create_pvc(NS, ASSETS_CLAIM, path=assets)
         self.node.create_pvc(NS, "tiny-llama-ckpt")
         for path in sorted(EXAMPLES.glob("*.yaml")):
             self.cluster.kubectl("apply", "-n", NS, "-f", str(path))
             say(f"applied examples/demo/{path.name}")
 
-    def kubectl(self, *args, check=True, input=None):
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         return self.cluster.kubectl(*args, check=check, input=input)
 
     @staticmethod
-    def wait(predicate, timeout):
+    def wait(predicate: Callable[[], object], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
@@ -93,31 +122,41 @@ class Demo:
         drained = jobs.get(DRAINED, {}).get("status") or {}
         if self.drained_node is None and drained.get("phase") == "Running":
             pod = next((p for p in self.pods(DRAINED) if p["status"].get("phase") == "Running"), None)
-            started = pod and pod["status"].get("startTime")
-            if started and time.time() - _epoch(started) > 8:
+            started = pod["status"].get("startTime") if pod is not None else None
+            if pod is not None and started and time.time() - _epoch(started) > 8:
                 self.drained_node = pod["spec"]["nodeName"]
                 say(f"draining {self.drained_node} while {DRAINED} runs on it (kubectl drain)")
-                self.kubectl("drain", self.drained_node, "--force", "--ignore-daemonsets",
-                             "--delete-emptydir-data", "--timeout=60s")
+                self.kubectl(
+                    "drain",
+                    self.drained_node,
+                    "--force",
+                    "--ignore-daemonsets",
+                    "--delete-emptydir-data",
+                    "--timeout=60s",
+                )
         if self.drained_node and drained.get("attempt", 0) >= 2 and drained.get("phase") == "Running":
             self.kubectl("uncordon", self.drained_node, check=False)
         real = jobs.get(EVICTED, {}).get("status") or {}
         step = (real.get("progress") or {}).get("step") or 0
         if not self.evicted and real.get("phase") == "Running" and real.get("attempt") == 1 and step >= 25:
             self.evicted = True
-            say(f"evicting {EVICTED}-1 at step {step} through the Eviction API: the trainer "
-                "checkpoints on SIGTERM and the next attempt resumes from it")
+            say(
+                f"evicting {EVICTED}-1 at step {step} through the Eviction API: the trainer "
+                "checkpoints on SIGTERM and the next attempt resumes from it"
+            )
             if not self._evict(f"{EVICTED}-1"):
                 self.kubectl("delete", "pod", f"{EVICTED}-1", "-n", NS, "--wait=false", check=False)
 
     def _evict(self, pod: str) -> bool:
         from kubernetes import client, config
+
         api = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
         try:
             client.CoreV1Api(api).create_namespaced_pod_eviction(
-                pod, NS, client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=NS)))
+                pod, NS, client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=NS))
+            )
             return True
-        except Exception as exc:  # noqa: BLE001 - fall back to a delete, and say so
+        except Exception as exc:
             say(f"eviction refused ({exc}); deleting the pod instead")
             return False
         finally:
@@ -130,8 +169,7 @@ class Demo:
         while time.monotonic() < deadline:
             table = self.kubectl("get", "tj", "-n", NS).stdout.rstrip()
             if tty:
-                print("\033[2J\033[H" + f"kubectl get tj -n {NS}   ({time.strftime('%H:%M:%S')})\n"
-                      + table, flush=True)
+                print("\033[2J\033[H" + f"kubectl get tj -n {NS}   ({time.strftime('%H:%M:%S')})\n" + table, flush=True)
             elif table != last:
                 print(f"--- kubectl get tj -n {NS} ({time.strftime('%H:%M:%S')})\n{table}", flush=True)
             last = table
@@ -144,8 +182,7 @@ class Demo:
 
     # ---- summary -----------------------------------------------------------------------------
     def summary(self, jobs: dict[str, dict]) -> str:
-        rows = [("JOB", "PHASE", "ATTEMPTS", "FAILURES", "RESUMES", "RESUMED FROM", "FINAL LOSS",
-                 "REASON")]
+        rows = [("JOB", "PHASE", "ATTEMPTS", "FAILURES", "RESUMES", "RESUMED FROM", "FINAL LOSS", "REASON")]
         for name, job in sorted(jobs.items()):
             s = job.get("status") or {}
             resumed = "-"
@@ -156,38 +193,49 @@ class Demo:
                     if msg.get("resumedFrom"):
                         resumed = f"checkpoint step {msg['resumedFrom']} ({pod['metadata']['name']})"
             loss = (s.get("progress") or {}).get("loss")
-            rows.append((name, s.get("phase", "?"), str(s.get("attempt", 0)),
-                         str(s.get("failures", 0)), str(s.get("resumes", 0)), resumed,
-                         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
-                         s.get("reason") or "-"))
+            rows.append(
+                (
+                    name,
+                    s.get("phase", "?"),
+                    str(s.get("attempt", 0)),
+                    str(s.get("failures", 0)),
+                    str(s.get("resumes", 0)),
+                    resumed,
+                    f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                    s.get("reason") or "-",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         real = (jobs.get(EVICTED) or {}).get("status") or {}
         output = self.node.uri_dir(NS, real.get("outputPath") or "")
         adapter = output / "adapter_model.safetensors" if output is not None else None
-        lines += ["",
-                  f"operator metrics:  {self.operator.metrics_url}  (finetune_operator_*)",
-                  "trainer metrics:   podIP:9400/metrics while a trainer runs (finetune_trainer_*)",
-                  f"trainer logs:      {self.node.workdir / 'pod-logs'}",
-                  f"final adapter:     {real.get('outputPath') or '(none)'}",
-                  f"  on this machine: {adapter if adapter is not None and adapter.exists() else '(none)'}"]
+        lines += [
+            "",
+            f"operator metrics:  {self.operator.metrics_url}  (finetune_operator_*)",
+            "trainer metrics:   podIP:9400/metrics while a trainer runs (finetune_trainer_*)",
+            f"trainer logs:      {self.node.workdir / 'pod-logs'}",
+            f"final adapter:     {real.get('outputPath') or '(none)'}",
+            f"  on this machine: {adapter if adapter is not None and adapter.exists() else '(none)'}",
+        ]
         return "\n".join(lines)
 
     def stop(self) -> None:
-        for part in (self.operator,):
+        for part in (self._operator,):
             if part is not None:
                 try:
                     part.stop()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     say(f"stopping {type(part).__name__}: {exc}")
-        if self.node is not None:
-            self.node.stop()
-        if self.cluster is not None:
-            self.cluster.cleanup()
+        if self._node is not None:
+            self._node.stop()
+        if self._cluster is not None:
+            self._cluster.cleanup()
 
 
 def _epoch(ts: str) -> float:
     import datetime as dt
+
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
@@ -202,7 +250,7 @@ def _termination(pod: dict) -> dict:
     return {}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make demo")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")

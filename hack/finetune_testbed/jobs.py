@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 from .procs import wait_for
 
 
-def job_manifest(name: str, **spec_overrides) -> dict:
-    spec = {
+def job_manifest(name: str, **spec_overrides: Any) -> dict:
+    spec: dict[str, Any] = {
         "image": "example.invalid/trainer:1",
         "model": "/models/tiny",
         "dataset": {"path": "/data/train.jsonl"},

@@ -67,7 +67,7 @@ class Kube:
             return self.api.call_api(m, url, hdrs, b, _request_timeout=timeout)
         except ApiException as exc:
             raise ApiError(exc.status or 0, str(exc.reason or exc)) from exc
-        except Exception as exc:  # noqa: BLE001 - urllib3 raises many connection errors
+        except Exception as exc:
             raise ApiError(0, _short(exc)) from exc
 
     def request(self, method: str, path: str, *, query: dict | None = None, body=None,
@@ -75,7 +75,7 @@ class Kube:
         resp = self._call(method, path, query, body, content_type, timeout)
         try:
             data = resp.read()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ApiError(0, f"reading response: {exc}") from exc
         try:
             obj = json.loads(data) if data else None
@@ -88,7 +88,10 @@ class Kube:
         return obj
 
     def get(self, path: str, **kw) -> dict:
-        return self.request("GET", path, **kw)
+        obj = self.request("GET", path, **kw)
+        if obj is None:  # a 2xx GET without a JSON object: no answer to hand back
+            raise ApiError(0, f"GET {path}: the response holds no JSON object")
+        return obj
 
     def get_or_none(self, path: str, **kw) -> dict | None:
         """The object, or None when it does not exist (404)."""
@@ -116,11 +119,11 @@ class Kube:
                     continue
         except ApiError:
             raise
-        except Exception as exc:  # noqa: BLE001 - read timeouts, connection resets
+        except Exception as exc:
             raise ApiError(0, f"watch stream: {_short(exc)}") from exc
         finally:
             try:
                 raw.release_conn()
                 raw.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass

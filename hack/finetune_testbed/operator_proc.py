@@ -30,7 +30,7 @@ class OperatorProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def start(self, wait_ready: bool = True) -> "OperatorProcess":
+    def start(self, wait_ready: bool = True) -> OperatorProcess:
         self.proc.start()
         if wait_ready:
             self.wait_ready()

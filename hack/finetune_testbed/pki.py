@@ -55,7 +55,7 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
 
 def _sign(subject: x509.Name, key, ca_name: x509.Name, ca_key, *, is_ca: bool,
           usages: list, sans: list | None = None) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now).not_valid_after(now + VALIDITY)

@@ -8,9 +8,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 _PR_SET_PDEATHSIG = 1
+
+T = TypeVar("T")
 
 
 def _die_with_parent() -> None:
@@ -30,7 +34,7 @@ class Proc:
     def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict | None = None):
         self.name, self.argv, self.env = name, argv, env
         self.log_path = log_dir / f"{name}.log"
-        self.popen: subprocess.Popen | None = None
+        self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
@@ -46,26 +50,31 @@ class Proc:
         return self.popen.pid if self.popen else None
 
     def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+        return self._live() is not None
+
+    def _live(self) -> subprocess.Popen[bytes] | None:
+        """The child while it is still running, else None."""
+        popen = self.popen
+        return popen if popen is not None and popen.poll() is None else None
 
     def signal(self, sig: int) -> None:
-        if self.running():
-            self.popen.send_signal(sig)
+        if (popen := self._live()) is not None:
+            popen.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> None:
-        if not self.running():
+        if (popen := self._live()) is None:
             return
-        self.popen.terminate()
+        popen.terminate()
         try:
-            self.popen.wait(timeout)
+            popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
+            popen.kill()
+            popen.wait(5)
 
     def kill(self) -> None:
-        if self.running():
-            self.popen.kill()
-            self.popen.wait(5)
+        if (popen := self._live()) is not None:
+            popen.kill()
+            popen.wait(5)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -74,7 +83,8 @@ class Proc:
             return ""
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, procs: list[Proc] = ()):
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2,
+             procs: Sequence[Proc] = ()) -> T:
     """Poll `predicate` until it returns a truthy value or `timeout` passes."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -87,7 +97,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, procs:
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - readiness probes fail in many ways
+        except Exception as exc:
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ def write_trainer_targets(sd_file: Path, targets: list[dict]) -> None:
 
 class PrometheusServer:
     def __init__(self, workdir: Path, log_dir: Path, *, scrape_configs: list[dict],
-                 rule_files: list[Path] = (), scrape_interval: str = "1s",
+                 rule_files: Sequence[Path] = (), scrape_interval: str = "1s",
                  evaluation_interval: str = "1s", name: str = "prometheus"):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ class PrometheusServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60) -> "PrometheusServer":
+    def start(self, timeout: float = 60) -> PrometheusServer:
         self.config_file.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.proc.start()
         wait_for(lambda: requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200,
@@ -204,7 +205,7 @@ class PrometheusServer:
     def running(self) -> bool:
         return self.proc.running()
 
-    def __enter__(self) -> "PrometheusServer":
+    def __enter__(self) -> PrometheusServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -273,7 +274,7 @@ class FakeTrainer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
+            def do_GET(self):
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404)
                     return

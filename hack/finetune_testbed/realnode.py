@@ -36,12 +36,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import yaml
 
 from .kuberaw import ApiError, Kube
 from .pki import REAL_NODE_IP, REAL_NODE_NAME
 from .procs import Proc, free_port, wait_for
+
+if TYPE_CHECKING:
+    from .cluster import LocalCluster
 
 log = logging.getLogger("finetune_testbed.realnode")
 
@@ -107,7 +111,7 @@ class RealNode:
     """kubelet + containerd + device plugin as child processes of the caller (they die with
     it); a second start on this machine waits for the first node to stop (file lock)."""
 
-    def __init__(self, cluster, gpus: int = 2, workdir: Path | None = None,
+    def __init__(self, cluster: LocalCluster, gpus: int = 2, workdir: Path | None = None,
                  images: tuple[str, ...] = (TRAINER_IMAGE,), fresh: bool = False):
         self.cluster = cluster
         self.name, self.ip, self.gpus = REAL_NODE_NAME, REAL_NODE_IP, gpus
@@ -116,7 +120,7 @@ class RealNode:
         self.images = images
         self.fresh = fresh  # empty a reused workdir (after unmounting what a killed run left)
         self.procs: dict[str, Proc] = {}
-        self._lock = None
+        self._lock: TextIO | None = None  # flock held from start() to stop()
         self._kube: Kube | None = None
         self.startup_seconds: float | None = None
 
@@ -148,7 +152,7 @@ class RealNode:
         return run("ctr", "--address", str(self.sock), "-n", "k8s.io", *args, **kw)
 
     # ---- start ---------------------------------------------------------------------------
-    def start(self, timeout: float = 180) -> "RealNode":
+    def start(self, timeout: float = 180) -> RealNode:
         t0 = time.monotonic()
         missing = missing_tools()
         if missing:
@@ -456,7 +460,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "RealNode":
+    def __enter__(self) -> RealNode:
         return self.start()
 
     def __exit__(self, *exc) -> None:

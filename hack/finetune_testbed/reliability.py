@@ -139,7 +139,7 @@ class CrashingOperator:
         op.start(wait_ready=False)  # it may crash before it is ready
         self.procs.append(op)
 
-    def start(self) -> "CrashingOperator":
+    def start(self) -> CrashingOperator:
         self._spawn(crash=True)
         return self
 
@@ -155,7 +155,7 @@ class CrashingOperator:
         op = self.current
         if op.running():
             return
-        rc = op.proc.popen.returncode
+        rc = op.proc.popen.returncode if op.proc.popen is not None else None
         if self.crash_after is not None and len(self.procs) == 1 and rc == -9:
             self.crash_rc = rc
             self._spawn(crash=False)
@@ -175,7 +175,7 @@ class CrashingOperator:
                     return value
             except AssertionError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - kubectl hiccups are retried
+            except Exception as exc:
                 last_error = exc
             time.sleep(interval)
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"

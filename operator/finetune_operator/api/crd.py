@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from .models import (
-    RUN_CHECKPOINT_FIELDS,
-    RUN_FIELDS,
     API_VERSION,
     CATEGORIES,
     GROUP,
     KIND,
     MAX_JOB_NAME_LENGTH,
     PLURAL,
+    RUN_CHECKPOINT_FIELDS,
+    RUN_FIELDS,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
@@ -41,7 +42,9 @@ CRD_FILENAME = f"{GROUP}_{PLURAL}.yaml"
 _DROPPED_KEYS = {"title", "const", "$defs", "examples", "discriminator"}
 
 # Fields that define a run can only be set at creation, like a Job's pod template.
-_IMMUTABLE_HINT = "it defines the run; create a new TrainingJob (checkpoint.resumeFrom can start it from this one's checkpoint)"
+_IMMUTABLE_HINT = (
+    "it defines the run; create a new TrainingJob (checkpoint.resumeFrom can start it from this one's checkpoint)"
+)
 
 # CEL rules, keyed by the path of the node they sit on ("" = spec, "[]" = list items).
 # Each message is what `kubectl apply` prints; keep them actionable.
@@ -106,8 +109,7 @@ for _field in RUN_FIELDS:  # transition rules: checked on updates only
 ROOT_RULES = [
     {
         "rule": f"self.metadata.name.size() <= {MAX_JOB_NAME_LENGTH}",
-        "message": f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters "
-        "(it becomes a pod label value)",
+        "message": f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters (it becomes a pod label value)",
     }
 ]
 
@@ -138,9 +140,11 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         node = {**target, **node}
 
     if node.get("x-kubernetes-int-or-string"):
-        out = {k: v for k, v in node.items() if k in ("description", "pattern", "x-kubernetes-int-or-string")}
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-        return out
+        int_or_string = {
+            k: v for k, v in node.items() if k in ("description", "pattern", "x-kubernetes-int-or-string")
+        }
+        int_or_string["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        return int_or_string
 
     if "anyOf" in node:
         # Optional[X] is `anyOf: [X, null]`: keep X, the field is simply not required.
@@ -193,7 +197,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def structural_schema(model: type) -> dict[str, Any]:
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON schema as a structural OpenAPI v3 schema (no $refs)."""
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return _structural(raw, raw.get("$defs", {}))

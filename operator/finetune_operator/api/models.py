@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -119,7 +119,7 @@ def _check_quantity(value: str | None) -> str | None:
 
 
 def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def format_time(value: datetime) -> str:
@@ -508,15 +508,19 @@ class TrainingJobStatus(StatusModel):
     )
     attempt: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Current attempt; its pod is <job>-<attempt>.")
     failures: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Attempts that failed (count against backoffLimit).")
-    resumes: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Attempts that were interrupted (count against maxResumes).")
+    resumes: int = Field(
+        0, ge=0, le=MAX_ATTEMPTS, description="Attempts that were interrupted (count against maxResumes)."
+    )
     restarts: int = Field(0, ge=0, le=2 * MAX_ATTEMPTS, description="failures + resumes.")
     progress: Progress | None = Field(None, description="Training progress.")
     checkpoint: CheckpointStatus | None = Field(None, description="Latest known checkpoint.")
     output_path: str | None = Field(
-        None, description="Where the final adapter is written: pvc://<claim>/trainingjobs/<namespace>/<name>/<uid>/output."
+        None,
+        description="Where the final adapter is written: pvc://<claim>/trainingjobs/<namespace>/<name>/<uid>/output.",
     )
     checkpoint_path: str | None = Field(
-        None, description="This job's checkpoint directory: pvc://<claim>/trainingjobs/<namespace>/<name>/<uid>/checkpoints."
+        None,
+        description="This job's checkpoint directory: pvc://<claim>/trainingjobs/<namespace>/<name>/<uid>/checkpoints.",
     )
     run_fingerprint: str | None = Field(
         None, max_length=64, description="Hash of the fields that define the run, taken when the job was first seen."
