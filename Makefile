@@ -12,8 +12,8 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TRANSFORMERS_VERBOSITY := error
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv binaries tools test test-unit test-cluster test-trainer manifests check-manifests \
-        cluster-up cluster-down run install demo bench chaos lint clean \
+.PHONY: help venv binaries tools test test-unit test-cluster test-trainer lint manifests check-manifests \
+        cluster-up cluster-down run install uninstall deploy undeploy demo bench chaos clean \
         images docker-build docker-push node-tools
 
 help:
@@ -23,9 +23,14 @@ help:
 	@echo "                     REAL_NODE=1 adds the real node (kubelet + containerd)"
 	@echo "make images        - build the operator and trainer images with podman"
 	@echo "make cluster-down  - stop it"
-	@echo "make manifests     - regenerate crds/ from the pydantic models"
+	@echo "make test-unit     - the fast tests only (no control plane, no trainer); also"
+	@echo "                     test-cluster (local control plane) and test-trainer (real trainer, CPU)"
+	@echo "make lint          - ruff and mypy (configured in pyproject.toml); make test runs it"
+	@echo "make manifests     - regenerate crds/ from the pydantic models; check-manifests: fail if stale"
 	@echo "make run           - run the operator against the current kubeconfig"
-	@echo "make install       - apply the CRD to the current kubeconfig"
+	@echo "make install       - apply the CRD to the current kubeconfig; uninstall deletes it"
+	@echo "make deploy        - apply deploy/ (CRD, namespace, RBAC, operator) to the current kubeconfig;"
+	@echo "                     undeploy deletes it"
 	@echo "make bench / chaos - benchmark and chaos runs"
 
 # One repository, four distributions (pyproject.toml lists them); one pip run resolves the
@@ -48,6 +53,14 @@ manifests: $(STAMP)
 	bash hack/sync-crd.sh
 	$(VPY) hack/gen-prometheusrule.py
 
+check-manifests: $(STAMP)
+	$(VPY) -m finetune_operator.api.crd --check crds/
+	diff -r -x kustomization.yaml crds/ deploy/crd/
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 tools:
 	bash hack/install-tools.sh
 
@@ -55,12 +68,18 @@ node-tools:
 	bash hack/install-tools.sh node
 
 # The Go builds (CPU-bound) and the image builds (downloads, unpacking, layer writes) overlap.
-test: $(STAMP) tools
+test: $(STAMP) tools lint check-manifests
 	$(MAKE) --no-print-directory -j2 binaries images
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(VPY) -m pytest tests -m "not cluster and not trainer and not e2e" $(PYTEST_ARGS)
+
+test-cluster: $(STAMP) tools binaries
+	$(VPY) -m pytest tests -m "cluster and not e2e" $(PYTEST_ARGS)
+
+test-trainer: $(STAMP)
+	$(VPY) -m pytest tests -m "trainer and not e2e" $(PYTEST_ARGS)
 
 # REAL_NODE=1: also the real node (kubelet + containerd running the images built here).
 REAL_NODE ?= 0
@@ -71,7 +90,17 @@ cluster-down: $(STAMP)
 	$(VPY) -m finetune_testbed down
 
 install: $(STAMP)
-	kubectl apply -f crds/
+	kubectl apply --server-side -f crds/
+
+uninstall: $(STAMP)
+	kubectl delete --ignore-not-found -f crds/
+
+# The manifests as deploy/README.md describes them (set the image first: kustomize edit set image).
+deploy: $(STAMP)
+	kubectl apply --server-side -k deploy/
+
+undeploy: $(STAMP)
+	kubectl delete --ignore-not-found -k deploy/
 
 run: $(STAMP)
 	$(VPY) -m finetune_operator
@@ -86,8 +115,16 @@ $(OPVENV)/.installed: trainer-image/contract/pyproject.toml operator/pyproject.t
 	$(OPVENV)/bin/python -m pip install -q -e trainer-image/contract -e operator
 	touch $@
 
-bench: $(STAMP) $(OPVENV)/.installed binaries
+bench: $(STAMP) $(OPVENV)/.installed binaries $(CLIENT_SITE)/.installed
 	$(VPY) -m bench.run --operator-python $(OPVENV)/bin/python $(BENCH_ARGS)
+	$(VPY) -m bench.client_compare --site $(CLIENT_SITE)
+
+# kubernetes_asyncio only for the client comparison, outside the venv: kopf imports it
+# whenever it is installed, and the operator would pay for it.
+CLIENT_SITE := .state/client-compare-site
+$(CLIENT_SITE)/.installed:
+	$(VPY) -m pip install -q --no-deps --target $(CLIENT_SITE) kubernetes_asyncio==36.1.0
+	touch $@
 
 JOBS ?= 300
 chaos: $(STAMP) binaries

@@ -8,21 +8,19 @@ import os
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
-import re
-import uuid
 import json
+import re
 import statistics
 import threading
 import time
+import uuid
 from pathlib import Path
-
-from finetune_testbed.cluster import REPO
-from finetune_testbed.jobs import Jobs
-from finetune_testbed.operator_proc import OperatorProcess
 
 import pytest
 
-from finetune_testbed.cluster import LocalCluster
+from finetune_testbed.cluster import REPO, LocalCluster
+from finetune_testbed.jobs import Jobs
+from finetune_testbed.operator_proc import OperatorProcess
 from finetune_testbed.procs import wait_for
 
 
@@ -143,7 +141,7 @@ class LagRecorder:
         while not self.stopping.is_set():
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - a restarted API server ends the stream
+            except Exception:
                 time.sleep(1)
 
     def _pods(self):

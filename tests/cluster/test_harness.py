@@ -114,7 +114,7 @@ class PodWatcher:
                                          field_selector=f"metadata.name={name}",
                                          timeout_seconds=120):
                     self.versions.append(api_client.sanitize_for_serialization(ev["object"]))
-            except Exception:  # noqa: BLE001 - stop() closes the stream under the reader
+            except Exception:
                 pass
         self._t = threading.Thread(target=run, daemon=True)
         self._t.start()

@@ -23,8 +23,14 @@ import pytest
 
 from finetune_operator.preflight import LEASES, REQUIRED
 from finetune_testbed.cluster import REPO
-from finetune_testbed.identities import (can_i, lease, lease_holder, metric_samples,
-                                         metric_value, service_account_kubeconfig)
+from finetune_testbed.identities import (
+    can_i,
+    lease,
+    lease_holder,
+    metric_samples,
+    metric_value,
+    service_account_kubeconfig,
+)
 from finetune_testbed.jobs import Jobs, job_manifest, sim
 from finetune_testbed.operator_proc import FAST_ARGS, OperatorProcess
 from finetune_testbed.procs import wait_for

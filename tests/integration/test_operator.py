@@ -7,9 +7,8 @@ import threading
 
 import pytest
 
-from finetune_testbed.procs import wait_for
-
 from finetune_testbed.jobs import job_manifest, sim
+from finetune_testbed.procs import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -33,7 +32,7 @@ class PhaseHistory:
                     phase = (ev["object"].get("status") or {}).get("phase")
                     if phase and (not self.phases or self.phases[-1] != phase):
                         self.phases.append(phase)
-            except Exception:  # noqa: BLE001 - stop() closes the stream
+            except Exception:
                 pass
         threading.Thread(target=run, daemon=True).start()
 

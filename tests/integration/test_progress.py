@@ -23,7 +23,7 @@ class FakeTrainer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
+            def do_GET(self):
                 body = (f"finetune_trainer_step {fake.step}\n"
                         f"finetune_trainer_total_steps {fake.total}\n"
                         f"finetune_trainer_loss {fake.loss}\n"

@@ -25,9 +25,15 @@ import pytest
 from finetune_testbed.cluster import REPO
 from finetune_testbed.jobs import job_manifest, sim
 from finetune_testbed.procs import wait_for
-from finetune_testbed.prometheus import (RULES_FILE, FakeTrainer, PrometheusServer,
-                                         operator_scrape_config, pod_target,
-                                         trainer_scrape_config, write_trainer_targets)
+from finetune_testbed.prometheus import (
+    RULES_FILE,
+    FakeTrainer,
+    PrometheusServer,
+    operator_scrape_config,
+    pod_target,
+    trainer_scrape_config,
+    write_trainer_targets,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -215,7 +221,7 @@ def test_dashboard_and_alert_queries_against_real_prometheus(prometheus, jobs, c
             for variant in {expr, unscoped[name]}:
                 try:
                     res = prom.query(variant, at=at)
-                except Exception as exc:  # noqa: BLE001 - reported below
+                except Exception as exc:
                     errors[name] = str(exc)
                     continue
                 if variant == expr:

@@ -14,7 +14,7 @@ and the decisions' own actions are applied to it. Invariants checked after every
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -37,7 +37,7 @@ from finetune_operator.core import (
 )
 
 JOB = "pj"
-T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- strategies -------------------------------------------------------------------------------
@@ -106,20 +106,38 @@ def pod_states(draw: st.DrawFn, attempt: int, now: datetime) -> PodObservation:
         creation_time=now - timedelta(seconds=draw(st.integers(0, 600))),
     )
     if kind in ("pending", "unschedulable"):
-        pod = PodObservation(phase="Pending", unschedulable_message="0/2 nodes" if kind == "unschedulable" else None, **base)
+        pod = PodObservation(
+            phase="Pending", unschedulable_message="0/2 nodes" if kind == "unschedulable" else None, **base
+        )
     elif kind in ("starting", "start_error"):
-        reason = "ContainerCreating" if kind == "starting" else draw(st.sampled_from(["ErrImagePull", "CreateContainerConfigError"]))
-        pod = PodObservation(phase="Pending", scheduled=True, node_name=node, container=ContainerWaiting(reason, "m"), **base)
+        reason = (
+            "ContainerCreating"
+            if kind == "starting"
+            else draw(st.sampled_from(["ErrImagePull", "CreateContainerConfigError"]))
+        )
+        pod = PodObservation(
+            phase="Pending", scheduled=True, node_name=node, container=ContainerWaiting(reason, "m"), **base
+        )
     elif kind == "running":
         started = now - timedelta(seconds=draw(st.integers(0, 600)))
-        pod = PodObservation(phase=draw(st.sampled_from(["Running", "Running", "Unknown"])), scheduled=True,
-                             node_name=node, container=ContainerRunning(started), **base)
+        pod = PodObservation(
+            phase=draw(st.sampled_from(["Running", "Running", "Unknown"])),
+            scheduled=True,
+            node_name=node,
+            container=ContainerRunning(started),
+            **base,
+        )
     elif kind == "exited":
         code = draw(exit_codes)
         reason = "OOMKilled" if code == 137 and draw(st.booleans()) else ("Completed" if code == 0 else "Error")
-        pod = PodObservation(phase="Succeeded" if code == 0 else "Failed", scheduled=True, node_name=node,
-                             container=ContainerTerminated(code, reason, None, now), termination_message=draw(reports),
-                             **base)
+        pod = PodObservation(
+            phase="Succeeded" if code == 0 else "Failed",
+            scheduled=True,
+            node_name=node,
+            container=ContainerTerminated(code, reason, None, now),
+            termination_message=draw(reports),
+            **base,
+        )
     else:
         pod = PodObservation(phase="Failed", scheduled=True, node_name=node, pod_reason="Evicted", **base)
     if draw(st.integers(0, 4)) == 0:
@@ -131,8 +149,12 @@ def pod_states(draw: st.DrawFn, attempt: int, now: datetime) -> PodObservation:
 
 samples = st.one_of(
     st.none(),
-    st.builds(ProgressSample, step=st.integers(0, 50), total_steps=st.just(50),
-              loss=st.one_of(st.none(), st.floats(0, 10), st.just(float("nan")))),
+    st.builds(
+        ProgressSample,
+        step=st.integers(0, 50),
+        total_steps=st.just(50),
+        loss=st.one_of(st.none(), st.floats(0, 10), st.just(float("nan"))),
+    ),
 )
 
 
@@ -143,12 +165,18 @@ def statuses(draw: st.DrawFn, now: datetime) -> TrainingJobStatus:
     failures, resumes = draw(st.integers(0, 4)), draw(st.integers(0, 4))
     past = now - timedelta(seconds=draw(st.integers(0, 3000)))
     return TrainingJobStatus(
-        phase=phase, reason=draw(st.sampled_from([None, "Evicted", "CreatingPod"])), attempt=attempt,
-        failures=failures, resumes=resumes, restarts=failures + resumes,
-        start_time=past if phase else None, attempt_start_time=past if phase else None,
+        phase=phase,
+        reason=draw(st.sampled_from([None, "Evicted", "CreatingPod"])),
+        attempt=attempt,
+        failures=failures,
+        resumes=resumes,
+        restarts=failures + resumes,
+        start_time=past if phase else None,
+        attempt_start_time=past if phase else None,
         completion_time=past if phase in TERMINAL_PHASES else None,
         last_interruption=Interruption(reason="Evicted", attempt=attempt, time=past)
-        if phase in ("Resuming", "Failed") else None,
+        if phase in ("Resuming", "Failed")
+        else None,
     )
 
 
@@ -192,10 +220,17 @@ def test_any_observation(data: st.DataObject) -> None:
     pods = data.draw(st.lists(attempts.flatmap(lambda a: pod_states(a, now)), max_size=3))
     invalid = data.draw(st.integers(0, 19)) == 0
     obs = Observation(
-        now=now, status=status, spec=None if invalid else data.draw(specs()),
-        spec_error="spec.lora.r: too big" if invalid else None, job_name=JOB, generation=data.draw(st.integers(1, 3)),
-        pods=tuple(pods), unready_nodes=data.draw(st.sampled_from([{}, {"n1": None}, {"n2": now - timedelta(seconds=30)}])),
-        node_lost_after_seconds=60, progress=data.draw(samples), allow_privileged=data.draw(st.booleans()),
+        now=now,
+        status=status,
+        spec=None if invalid else data.draw(specs()),
+        spec_error="spec.lora.r: too big" if invalid else None,
+        job_name=JOB,
+        generation=data.draw(st.integers(1, 3)),
+        pods=tuple(pods),
+        unready_nodes=data.draw(st.sampled_from([{}, {"n1": None}, {"n2": now - timedelta(seconds=30)}])),
+        node_lost_after_seconds=60,
+        progress=data.draw(samples),
+        allow_privileged=data.draw(st.booleans()),
     )
     check_decision(obs, decide(obs))
 
@@ -207,8 +242,9 @@ def apply_actions(pods: dict[str, PodObservation], actions, now: datetime) -> bo
         if isinstance(action, CreatePod):
             name = f"{JOB}-{action.attempt}"
             if name not in pods:  # AlreadyExists: adopt
-                pods[name] = PodObservation(name=name, attempt=action.attempt, uid=f"u{action.attempt}",
-                                            creation_time=now)
+                pods[name] = PodObservation(
+                    name=name, attempt=action.attempt, uid=f"u{action.attempt}", creation_time=now
+                )
         elif isinstance(action, DeletePod) and action.name in pods:
             if action.grace_seconds == 0:
                 del pods[action.name]
@@ -246,8 +282,17 @@ def test_sequences(data: st.DataObject) -> None:
             spec = spec.model_copy(update={"suspend": not spec.suspend})
         if data.draw(st.integers(0, 7)) == 0:
             unready = data.draw(st.sampled_from([{}, {"n1": None}, {"n2": now}]))
-        obs = Observation(now=now, status=status, spec=spec, job_name=JOB, generation=1, pods=tuple(pods.values()),
-                          unready_nodes=unready, node_lost_after_seconds=30, progress=data.draw(samples))
+        obs = Observation(
+            now=now,
+            status=status,
+            spec=spec,
+            job_name=JOB,
+            generation=1,
+            pods=tuple(pods.values()),
+            unready_nodes=unready,
+            node_lost_after_seconds=30,
+            progress=data.draw(samples),
+        )
         d = decide(obs)
         check_decision(obs, d)
         if seen_terminal is not None:

@@ -65,7 +65,7 @@ def _collect_versions(kube: Kube, ns: str, versions: dict, seconds: float, done_
                     keep(obj)
                 if time.monotonic() >= end:
                     return
-        except Exception:  # noqa: BLE001 - still coming up
+        except Exception:
             rv = None
             time.sleep(0.3)
 

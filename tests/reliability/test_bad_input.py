@@ -84,34 +84,64 @@ anything = st.recursive(scalars, lambda c: st.lists(c, max_size=3)
 label_keys = st.sampled_from(["app", "team", "bad key", "x/y/z", "-lead", "a" * 70, "ok.example/x"])
 TYPED = {
     "str": st.one_of(st.sampled_from(NASTY_STRINGS), st.text(max_size=30)),
-    "int": st.one_of(st.integers(1, 64), st.sampled_from(EDGE_INTS), st.integers(-10**6, 10**9)),
-    "float": st.one_of(st.floats(0.001, 1.0), st.floats(allow_nan=False, allow_infinity=False),
-                       st.sampled_from([0, 0.0, -0.0, 1e-300, 10.0, 10.5, 3])),
+    "int": st.one_of(st.integers(1, 64), st.sampled_from(EDGE_INTS), st.integers(-(10**6), 10**9)),
+    "float": st.one_of(
+        st.floats(0.001, 1.0),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from([0, 0.0, -0.0, 1e-300, 10.0, 10.5, 3]),
+    ),
     "bool": st.booleans(),
-    "quantity": st.one_of(st.sampled_from(["1", "500m", "32Gi", "1e3", "-1", "1.5", "Gi", "", "abc", "0.5Ki"]),
-                          st.integers(-5, 10**6)),
+    "quantity": st.one_of(
+        st.sampled_from(["1", "500m", "32Gi", "1e3", "-1", "1.5", "Gi", "", "abc", "0.5Ki"]), st.integers(-5, 10**6)
+    ),
     "strlist": st.lists(st.sampled_from(NASTY_STRINGS), max_size=4),
     "strmap": st.dictionaries(label_keys, st.sampled_from(["v", "", "bad value", "x" * 70, "ok-1"]), max_size=3),
-    "objlist": st.lists(st.dictionaries(st.sampled_from(["key", "operator", "effect", "name", "hostPath",
-                                                          "emptyDir", "bogus"]),
-                                        st.one_of(st.sampled_from(["Exists", "NoSchedule", "x", ""]),
-                                                  st.just({}), st.just({"path": "/etc"})),
-                                        max_size=3), max_size=2),
-    "env": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["FOO", "1BAD", "with space", "", "A=B"])},
-                                          optional={"value": st.sampled_from(["x", ""]),
-                                                    "valueFrom": st.just({"secretKeyRef": {"name": "s"}})}),
-                    max_size=2),
-    "rules": st.lists(st.fixed_dictionaries({"action": st.sampled_from(["Resume", "Fail", "Count", "Explode"])},
-                                            optional={"onExitCodes": st.fixed_dictionaries(
-                                                {"operator": st.sampled_from(["In", "NotIn", "Maybe"]),
-                                                 "values": st.lists(st.sampled_from([0, 1, 137, 255, 256, -1]), max_size=3)}),
-                                                "onPodConditions": st.lists(st.fixed_dictionaries(
-                                                    {"type": st.sampled_from(["DisruptionTarget", ""])}), max_size=2)}),
-                      max_size=2),
+    "objlist": st.lists(
+        st.dictionaries(
+            st.sampled_from(["key", "operator", "effect", "name", "hostPath", "emptyDir", "bogus"]),
+            st.one_of(st.sampled_from(["Exists", "NoSchedule", "x", ""]), st.just({}), st.just({"path": "/etc"})),
+            max_size=3,
+        ),
+        max_size=2,
+    ),
+    "env": st.lists(
+        st.fixed_dictionaries(
+            {"name": st.sampled_from(["FOO", "1BAD", "with space", "", "A=B"])},
+            optional={"value": st.sampled_from(["x", ""]), "valueFrom": st.just({"secretKeyRef": {"name": "s"}})},
+        ),
+        max_size=2,
+    ),
+    "rules": st.lists(
+        st.fixed_dictionaries(
+            {"action": st.sampled_from(["Resume", "Fail", "Count", "Explode"])},
+            optional={
+                "onExitCodes": st.fixed_dictionaries(
+                    {
+                        "operator": st.sampled_from(["In", "NotIn", "Maybe"]),
+                        "values": st.lists(st.sampled_from([0, 1, 137, 255, 256, -1]), max_size=3),
+                    }
+                ),
+                "onPodConditions": st.lists(
+                    st.fixed_dictionaries({"type": st.sampled_from(["DisruptionTarget", ""])}), max_size=2
+                ),
+            },
+        ),
+        max_size=2,
+    ),
     "obj": anything,
-    "resume": st.one_of(st.sampled_from(["pvc://ckpt/trainingjobs/ns/old/u/checkpoints/checkpoint-5",
-                                         "pvc://other/x", "pvc://ckpt/a/../b", "/abs", "pvc://", ""]),
-                        st.text(max_size=12)),
+    "resume": st.one_of(
+        st.sampled_from(
+            [
+                "pvc://ckpt/trainingjobs/ns/old/u/checkpoints/checkpoint-5",
+                "pvc://other/x",
+                "pvc://ckpt/a/../b",
+                "/abs",
+                "pvc://",
+                "",
+            ]
+        ),
+        st.text(max_size=12),
+    ),
 }
 
 
@@ -161,8 +191,9 @@ def bad_ns(rel_cluster):
 
 @pytest.fixture(scope="module")
 def bad_operator(rel_cluster, bad_ns):
-    op = OperatorProcess(rel_cluster.kubeconfig, rel_cluster.log_dir, name="badinput-operator",
-                         args=FAST_ARGS + ["--namespace", bad_ns])
+    op = OperatorProcess(
+        rel_cluster.kubeconfig, rel_cluster.log_dir, name="badinput-operator", args=FAST_ARGS + ["--namespace", bad_ns]
+    )
     op.start()
     yield op
     op.stop()
@@ -178,14 +209,13 @@ def kube(rel_cluster):
 def assert_operator_healthy(op: OperatorProcess, pid: int) -> None:
     assert op.running() and op.pid == pid, f"operator restarted or died:\n{op.log_tail(40)}"
     text = op.proc.log_path.read_text(errors="replace")
-    assert "Traceback" not in text, text[text.index("Traceback") - 300:][:3000]
+    assert "Traceback" not in text, text[text.index("Traceback") - 300 :][:3000]
 
 
 def pod_refused_by_api(kube: Kube, namespace: str, job: dict, spec) -> tuple[int, str] | None:
     """(HTTP status, message) of the API server's refusal of the pod the operator would build
     for this job (a server-side dry run: validation and admission), or None if accepted."""
-    pod = build_pod(job["metadata"]["name"], namespace, job["metadata"]["uid"], spec, 1,
-                    trainer_env=trainer_env(spec))
+    pod = build_pod(job["metadata"]["name"], namespace, job["metadata"]["uid"], spec, 1, trainer_env=trainer_env(spec))
     pod["metadata"]["name"] += "-dry-run"  # the operator may have created the real one already
     try:
         kube.request("POST", f"/api/v1/namespaces/{namespace}/pods", query={"dryRun": "All"}, body=pod)
@@ -200,31 +230,35 @@ def base_manifest(name: str) -> dict:
     return job_manifest(name, template=sim(outcome="run"))
 
 
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                 HealthCheck.data_too_large])
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
 @given(mutations=st.lists(mutation(), min_size=1, max_size=2))
-@example(mutations=[("set", ("image",), "   ")])                    # CRD: size > 0; pydantic: blank
-@example(mutations=[("set", ("workers",), 2)])                       # CEL rule
-@example(mutations=[("set", ("bogus",), 1)])                         # unknown field
-@example(mutations=[("set", ("lora", "r"), "eight")])                # wrong type
-@example(mutations=[("set", ("resources", "gpus"), 9)])              # valid, unschedulable
-@example(mutations=[("set", ("template", "hostNetwork"), True)])     # privileged
+@example(mutations=[("set", ("image",), "   ")])  # CRD: size > 0; pydantic: blank
+@example(mutations=[("set", ("workers",), 2)])  # CEL rule
+@example(mutations=[("set", ("bogus",), 1)])  # unknown field
+@example(mutations=[("set", ("lora", "r"), "eight")])  # wrong type
+@example(mutations=[("set", ("resources", "gpus"), 9)])  # valid, unschedulable
+@example(mutations=[("set", ("template", "hostNetwork"), True)])  # privileged
 @example(mutations=[("set", ("template", "env"), [{"name": "1BAD"}])])  # pod creation refused
 @example(mutations=[("set", ("template", "tolerations"), [{"operator": "x"}])])
 def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
-        rel_cluster, bad_ns, bad_operator, kube, mutations):
+    rel_cluster, bad_ns, bad_operator, kube, mutations
+):
     pid = bad_operator.pid
     jobs = ApiJobs(rel_cluster, bad_ns)
     name = f"bad-{uuid.uuid4().hex[:8]}"
     manifest = apply_mutations(base_manifest(name), mutations)
     try:
-        kube.request("POST", TJ_PATH.format(ns=bad_ns), query={"fieldValidation": "Strict"},
-                     body=manifest)
+        kube.request("POST", TJ_PATH.format(ns=bad_ns), query={"fieldValidation": "Strict"}, body=manifest)
     except ApiError as exc:
         assert exc.status in (400, 422), f"{exc.status}: {exc.message}"
-        assert field_named(exc.message, mutations), \
+        assert field_named(exc.message, mutations), (
             f"rejection does not name the field: {exc.message!r} for {mutations}"
+        )
         OUTCOMES["rejected"] += 1
         assert_operator_healthy(bad_operator, pid)
         return
@@ -250,8 +284,7 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
             if code == 403:
                 # Admission refused it (e.g. no such PriorityClass): it may clear later, so
                 # the job waits in Queued, saying why.
-                status = jobs.wait(name, lambda s: s.get("reason") == "PodForbidden", 30,
-                                   "Queued/PodForbidden")
+                status = jobs.wait(name, lambda s: s.get("reason") == "PodForbidden", 30, "Queued/PodForbidden")
                 assert status["phase"] == "Queued", status
                 OUTCOMES["accepted, PodForbidden"] += 1
             else:
@@ -264,6 +297,7 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
                 assert not fields or fields[0] in status["message"], (refused, status["message"])
                 OUTCOMES["accepted, pod refused: PodRejected"] += 1
         else:
+
             def clear():
                 s = jobs.status(name)
                 if s.get("phase") == "Suspended" or jobs.pods(name):
@@ -271,13 +305,15 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
                 if s.get("phase") and s.get("reason") not in (None, "CreatingPod"):
                     return s
                 return None
+
             try:
                 status = wait_for(clear, 30, f"{name}: a pod, Suspended, or a reason")
             except TimeoutError:
                 raise AssertionError(
                     f"accepted valid job has no pod and no reason after 30s: "
                     f"{json.dumps(jobs.status(name))}; spec {json.dumps(stored['spec'])}; operator log:\n"
-                    f"{bad_operator.log_tail(8)}") from None
+                    f"{bad_operator.log_tail(8)}"
+                ) from None
             assert status.get("reason") != "InvalidSpec", status
             OUTCOMES[f"accepted, {status.get('phase')}/{status.get('reason')}"] += 1
         assert_operator_healthy(bad_operator, pid)
@@ -287,14 +323,14 @@ def test_generated_manifests_are_rejected_clearly_or_driven_to_a_clear_state(
 
 def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns, bad_operator, kube):
     jobs = ApiJobs(rel_cluster, bad_ns)
-    manifest = job_manifest("refused", template={**sim(outcome="run"),
-                                                 "tolerations": [{"operator": "x"}]})
+    manifest = job_manifest("refused", template={**sim(outcome="run"), "tolerations": [{"operator": "x"}]})
     jobs.apply(manifest)
     stored = jobs.get("refused")
     assert pod_refused_by_api(kube, bad_ns, stored, parse_spec(stored["spec"]))[0] == 422
     try:
-        status = jobs.wait("refused", lambda s: s.get("reason") not in (None, "CreatingPod"), 20,
-                           "a reason other than CreatingPod")
+        status = jobs.wait(
+            "refused", lambda s: s.get("reason") not in (None, "CreatingPod"), 20, "a reason other than CreatingPod"
+        )
         assert (status["phase"], status["reason"]) == ("Failed", "PodRejected"), status
         said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("refused"))
         assert "tolerations" in said, status
@@ -305,14 +341,14 @@ def test_pod_refused_by_the_api_server_fails_the_job_clearly(rel_cluster, bad_ns
 
 def test_pod_forbidden_by_admission_is_reported(rel_cluster, bad_ns, bad_operator, kube):
     jobs = ApiJobs(rel_cluster, bad_ns)
-    jobs.apply(job_manifest("forbidden", template={**sim(outcome="run"),
-                                                   "priorityClassName": "no-such-class"}))
+    jobs.apply(job_manifest("forbidden", template={**sim(outcome="run"), "priorityClassName": "no-such-class"}))
     stored = jobs.get("forbidden")
     assert pod_refused_by_api(kube, bad_ns, stored, parse_spec(stored["spec"]))[0] == 403
     pid = bad_operator.pid
     try:
-        status = jobs.wait("forbidden", lambda s: s.get("reason") not in (None, "CreatingPod"), 20,
-                           "a reason other than CreatingPod")
+        status = jobs.wait(
+            "forbidden", lambda s: s.get("reason") not in (None, "CreatingPod"), 20, "a reason other than CreatingPod"
+        )
         said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("forbidden"))
         assert "no-such-class" in said or "PriorityClass" in said, status
     finally:
@@ -330,19 +366,36 @@ def test_zz_bad_input_outcomes_summary():
 # --- objects corrupted past validation ------------------------------------------------------------
 def _running_job(rel_cluster, jobs: Jobs, name: str) -> dict:
     jobs.apply(job_manifest(name, template=sim(outcome="run")))
-    return jobs.wait(name, lambda s: s.get("phase") == "Running"
-                     and any(p["status"].get("phase") == "Running" for p in jobs.pods(name)),
-                     60, f"{name} Running")
+    return jobs.wait(
+        name,
+        lambda s: s.get("phase") == "Running" and any(p["status"].get("phase") == "Running" for p in jobs.pods(name)),
+        60,
+        f"{name} Running",
+    )
 
 
 def test_status_subresource_refuses_garbage_with_field_names(rel_cluster, bad_ns, bad_operator):
     jobs = ApiJobs(rel_cluster, bad_ns)
     _running_job(rel_cluster, jobs, "garbage")
-    for patch, field in [({"phase": "Exploded"}, "status.phase"), ({"attempt": -1}, "status.attempt"), ({"attempt": 2**62}, "status.attempt"),
-                         ({"conditions": [{"type": "X", "status": "Maybe"}]}, "status.conditions[0].status"),
-                         ({"startTime": "yesterday"}, "status.startTime")]:
-        res = rel_cluster.kubectl("patch", "tj", "garbage", "-n", bad_ns, "--subresource=status",
-                                  "--type=merge", "-p", json.dumps({"status": patch}), check=False)
+    for patch, field in [
+        ({"phase": "Exploded"}, "status.phase"),
+        ({"attempt": -1}, "status.attempt"),
+        ({"attempt": 2**62}, "status.attempt"),
+        ({"conditions": [{"type": "X", "status": "Maybe"}]}, "status.conditions[0].status"),
+        ({"startTime": "yesterday"}, "status.startTime"),
+    ]:
+        res = rel_cluster.kubectl(
+            "patch",
+            "tj",
+            "garbage",
+            "-n",
+            bad_ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": patch}),
+            check=False,
+        )
         assert res.returncode != 0 and field in res.stderr, (patch, res.stderr)
     assert jobs.status("garbage")["phase"] == "Running"
 
@@ -355,8 +408,7 @@ def _corrupt_and_watch(rel_cluster, bad_ns, bad_operator, name, corrupt):
     pods_before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in jobs.pods(name)}
     etcd = EtcdRaw(rel_cluster)
     stored = etcd.mutate_job(bad_ns, name, lambda obj: corrupt(obj["status"]))
-    jobs.wait(name, lambda s: s.get("phase") in PHASES
-                       and s != stored["status"], 30, "the operator rewrote the status")
+    jobs.wait(name, lambda s: s.get("phase") in PHASES and s != stored["status"], 30, "the operator rewrote the status")
     time.sleep(3)  # let it settle
     assert_operator_healthy(bad_operator, pid)
     live = [p for p in jobs.pods(name) if p["status"].get("phase") not in ("Succeeded", "Failed")]
@@ -364,30 +416,40 @@ def _corrupt_and_watch(rel_cluster, bad_ns, bad_operator, name, corrupt):
     return before, jobs.status(name), pods_before, jobs.pods(name)
 
 
-def test_unknown_phase_in_etcd_is_repaired_without_killing_the_running_pod(
-        rel_cluster, bad_ns, bad_operator):
+def test_unknown_phase_in_etcd_is_repaired_without_killing_the_running_pod(rel_cluster, bad_ns, bad_operator):
     """A status phase no schema allows (a newer operator's phase after a rollback, a bad
     restore): the operator must not crash and must write a valid phase again. The running
     attempt's pod is healthy, so a repair that re-derives the phase from the pods keeps it;
     one that treats the job as new deletes a healthy trainer."""
     before, after, pods_before, pods_after = _corrupt_and_watch(
-        rel_cluster, bad_ns, bad_operator, "unknownphase",
-        lambda st: st.update(phase="Exploded"))
+        rel_cluster, bad_ns, bad_operator, "unknownphase", lambda st: st.update(phase="Exploded")
+    )
     assert after["phase"] in ("Running", "Queued", "Starting", "Resuming"), after
-    kept = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods_after
-            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")}
+    kept = {
+        p["metadata"]["name"]: p["metadata"]["uid"]
+        for p in pods_after
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    }
     assert kept == pods_before, (
         f"the healthy pod of attempt {before['attempt']} was replaced: before {pods_before}, "
-        f"after {kept}; status now {after['phase']}/{after.get('reason')} attempt {after['attempt']}")
+        f"after {kept}; status now {after['phase']}/{after.get('reason')} attempt {after['attempt']}"
+    )
     assert after["attempt"] == before["attempt"], after
 
 
 def test_absurd_counters_in_etcd_do_not_crash_the_operator(rel_cluster, bad_ns, bad_operator):
     """attempt 2**63-1 (one increment from overflowing int64) with nonsense conditions: the
     operator keeps running and writes a valid status again (it may start a new attempt)."""
+
     def corrupt(st):
-        st.update(attempt=2**63 - 1, failures=2**40, resumes=7, restarts=-3,
-                  conditions=[{"type": "Running", "status": "Perhaps"}, {"bogus": True}, "junk"])
+        st.update(
+            attempt=2**63 - 1,
+            failures=2**40,
+            resumes=7,
+            restarts=-3,
+            conditions=[{"type": "Running", "status": "Perhaps"}, {"bogus": True}, "junk"],
+        )
+
     _, after, _, pods = _corrupt_and_watch(rel_cluster, bad_ns, bad_operator, "absurd", corrupt)
     assert after["phase"] in ("Running", "Queued", "Starting", "Resuming", "Failed"), after
     assert after["attempt"] <= MAX_ATTEMPTS and after["failures"] <= MAX_ATTEMPTS, after
@@ -401,20 +463,34 @@ def test_pod_with_job_labels_but_no_owner_is_not_adopted(rel_cluster, bad_ns, ba
     labels = {"finetune.dev/job-name": "owned", "app.kubernetes.io/managed-by": "finetune-operator"}
 
     def stray(name, attempt):
-        return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "labels": {**labels, "finetune.dev/attempt": str(attempt)},
-                             "annotations": {"sim.finetune.dev/outcome": "fail",
-                                             "sim.finetune.dev/run-for": "1s"}},
-                "spec": {"restartPolicy": "Never",
-                         "containers": [{"name": "trainer", "image": "example.invalid/x:1"}]}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "labels": {**labels, "finetune.dev/attempt": str(attempt)},
+                "annotations": {"sim.finetune.dev/outcome": "fail", "sim.finetune.dev/run-for": "1s"},
+            },
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "example.invalid/x:1"}]},
+        }
+
     # a later attempt's pod name (would be adopted by a label-only match) that then fails
     rel_cluster.apply(stray("owned-7", 7), "-n", bad_ns)
-    wait_for(lambda: any(p["metadata"]["name"] == "owned-7" and p["status"].get("phase") == "Failed"
-                         for p in jobs.pods("owned")), 30, "stray pod ran and failed")
+    wait_for(
+        lambda: any(
+            p["metadata"]["name"] == "owned-7" and p["status"].get("phase") == "Failed" for p in jobs.pods("owned")
+        ),
+        30,
+        "stray pod ran and failed",
+    )
     time.sleep(6)  # more than the operator's safety-net timer
     after = jobs.status("owned")
-    assert (after["phase"], after["attempt"], after["failures"], after["resumes"]) == \
-        ("Running", before["attempt"], 0, 0), after
+    assert (after["phase"], after["attempt"], after["failures"], after["resumes"]) == (
+        "Running",
+        before["attempt"],
+        0,
+        0,
+    ), after
     stray_pod = next(p for p in jobs.pods("owned") if p["metadata"]["name"] == "owned-7")
     assert not stray_pod["metadata"].get("ownerReferences"), "the operator took over a foreign pod"
     assert_operator_healthy(bad_operator, pid)
@@ -423,14 +499,21 @@ def test_pod_with_job_labels_but_no_owner_is_not_adopted(rel_cluster, bad_ns, ba
 def _squatted_job(rel_cluster, bad_ns, name: str) -> tuple[Jobs, dict]:
     """Job `name` whose first pod name is already taken by a pod it does not control."""
     jobs = ApiJobs(rel_cluster, bad_ns)
-    labels = {"finetune.dev/job-name": name, "finetune.dev/attempt": "1",
-              "app.kubernetes.io/managed-by": "finetune-operator"}
-    rel_cluster.apply({"apiVersion": "v1", "kind": "Pod",
-                       "metadata": {"name": f"{name}-1", "labels": labels,
-                                    "annotations": {"sim.finetune.dev/outcome": "run"}},
-                       "spec": {"restartPolicy": "Never",
-                                "containers": [{"name": "trainer", "image": "example.invalid/x:1"}]}},
-                      "-n", bad_ns)
+    labels = {
+        "finetune.dev/job-name": name,
+        "finetune.dev/attempt": "1",
+        "app.kubernetes.io/managed-by": "finetune-operator",
+    }
+    rel_cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-1", "labels": labels, "annotations": {"sim.finetune.dev/outcome": "run"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "example.invalid/x:1"}]},
+        },
+        "-n",
+        bad_ns,
+    )
     jobs.apply(job_manifest(name, template=sim(outcome="run")))
     jobs.wait(name, lambda s: bool(s.get("phase")), 30, "a phase")
     time.sleep(6)  # several reconciles, more than the safety-net timer
@@ -442,8 +525,9 @@ def test_foreign_pod_squatting_the_next_pod_name_is_not_adopted(rel_cluster, bad
     must neither take it for the job's attempt nor crash."""
     pid = bad_operator.pid
     jobs, status = _squatted_job(rel_cluster, bad_ns, "squat")
-    assert status.get("phase") not in ("Running", "Starting"), \
+    assert status.get("phase") not in ("Running", "Starting"), (
         f"a foreign pod was taken for the job's attempt: {status}"
+    )
     assert (status["attempt"], status["failures"], status["resumes"]) == (1, 0, 0), status
     pod = next(p for p in jobs.pods("squat") if p["metadata"]["name"] == "squat-1")
     assert not pod["metadata"].get("ownerReferences"), "the operator took over a foreign pod"
@@ -451,11 +535,11 @@ def test_foreign_pod_squatting_the_next_pod_name_is_not_adopted(rel_cluster, bad
     assert_operator_healthy(bad_operator, pid)
 
 
-def test_foreign_pod_squatting_the_next_pod_name_is_reported_to_the_user(
-        rel_cluster, bad_ns, bad_operator):
+def test_foreign_pod_squatting_the_next_pod_name_is_reported_to_the_user(rel_cluster, bad_ns, bad_operator):
     jobs, status = _squatted_job(rel_cluster, bad_ns, "squat2")
     said = (status.get("message") or "") + " ".join(e.get("message", "") for e in jobs.events("squat2"))
     assert "squat2-1" in said and ("not controlled" in said or "exists" in said), (
         f"nothing tells the user that pod squat2-1 blocks the job: status "
         f"{status.get('phase')}/{status.get('reason')}: {status.get('message')}; "
-        f"events {[e.get('message') for e in jobs.events('squat2')]}")
+        f"events {[e.get('message') for e in jobs.events('squat2')]}"
+    )

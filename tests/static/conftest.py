@@ -11,7 +11,6 @@ import shutil
 from typing import Any
 
 import pytest
-
 from static_support import DEPLOY, MONITORING, install_tool, kustomize_build, venv_tool
 
 

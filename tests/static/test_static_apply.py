@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-
 from static_support import DEPLOY, OPERATOR_NAMESPACE
 
 pytestmark = pytest.mark.cluster

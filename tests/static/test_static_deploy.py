@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import yaml
-
 from static_support import DEPLOY, MONITORING, OPERATOR_NAMESPACE, ROOT, one, run
 
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

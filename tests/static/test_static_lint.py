@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-
 from static_support import ROOT, run
 
 DOCKERFILES = ["Dockerfile", "trainer-image/Dockerfile"]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
+import promql_queries as pq
 import pytest
 import yaml
-
-import promql_queries as pq
 from static_support import MONITORING, run
 
 REQUIRED_ALERTS = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from static_support import DEPLOY, OPERATOR_NAMESPACE, find, one
 
 SA = {"kind": "ServiceAccount", "name": "finetune-operator", "namespace": OPERATOR_NAMESPACE}
@@ -16,21 +15,38 @@ CRD_NAME = "trainingjobs.finetune.dev"
 
 # (role, apiGroup, resource, verb, resourceName or "") -- the complete grant of the operator.
 EXPECTED_OPERATOR_GRANTS = {
-    *(("finetune-operator", "finetune.dev", "trainingjobs", v, "") for v in ("get", "list", "watch", "patch", "delete")),
+    *(
+        ("finetune-operator", "finetune.dev", "trainingjobs", v, "")
+        for v in ("get", "list", "watch", "patch", "delete")
+    ),
     *(("finetune-operator", "finetune.dev", "trainingjobs/status", v, "") for v in ("get", "patch", "update")),
     *(("finetune-operator", "", "pods", v, "") for v in ("get", "list", "watch", "create", "delete")),
     *(("finetune-operator", "", "events", v, "") for v in ("create", "patch")),
     *(("finetune-operator", "events.k8s.io", "events", v, "") for v in ("create", "patch")),
     *(("finetune-operator-cluster", "", "nodes", v, "") for v in ("get", "list", "watch")),
-    *(("finetune-operator-cluster", "apiextensions.k8s.io", "customresourcedefinitions", v, CRD_NAME)
-      for v in ("get", "list", "watch")),
+    *(
+        ("finetune-operator-cluster", "apiextensions.k8s.io", "customresourcedefinitions", v, CRD_NAME)
+        for v in ("get", "list", "watch")
+    ),
     *(("finetune-operator-leader-election", "coordination.k8s.io", "leases", v, LEASE_NAME) for v in ("get", "update")),
     ("finetune-operator-leader-election", "coordination.k8s.io", "leases", "create", ""),
 }
 DANGEROUS_VERBS = {"escalate", "bind", "impersonate", "*"}
-DANGEROUS_RESOURCES = {"secrets", "pods/exec", "pods/attach", "pods/portforward", "pods/ephemeralcontainers",
-                       "serviceaccounts/token", "serviceaccounts", "nodes/proxy", "configmaps",
-                       "roles", "clusterroles", "rolebindings", "clusterrolebindings"}
+DANGEROUS_RESOURCES = {
+    "secrets",
+    "pods/exec",
+    "pods/attach",
+    "pods/portforward",
+    "pods/ephemeralcontainers",
+    "serviceaccounts/token",
+    "serviceaccounts",
+    "nodes/proxy",
+    "configmaps",
+    "roles",
+    "clusterroles",
+    "rolebindings",
+    "clusterrolebindings",
+}
 
 
 def grants(role: dict) -> set[tuple[str, str, str, str, str]]:
@@ -59,7 +75,7 @@ def test_no_wildcards_anywhere(base_objects):
 
 def test_no_secrets_and_no_dangerous_rights(base_objects):
     for role in roles(base_objects):
-        for _, group, resource, verb, _ in grants(role):
+        for _, _group, resource, verb, _ in grants(role):
             assert resource not in DANGEROUS_RESOURCES, f"{role['metadata']['name']} grants {verb} {resource}"
             assert verb not in DANGEROUS_VERBS, f"{role['metadata']['name']} grants {verb} on {resource}"
 
@@ -69,7 +85,8 @@ def test_operator_grants_are_exactly_what_it_uses(base_objects):
     for kind, name in OPERATOR_ROLES:
         got |= grants(one(base_objects, kind, name))
     assert got == EXPECTED_OPERATOR_GRANTS, (
-        f"unexpected: {sorted(got - EXPECTED_OPERATOR_GRANTS)}\nmissing: {sorted(EXPECTED_OPERATOR_GRANTS - got)}")
+        f"unexpected: {sorted(got - EXPECTED_OPERATOR_GRANTS)}\nmissing: {sorted(EXPECTED_OPERATOR_GRANTS - got)}"
+    )
 
 
 def test_operator_cannot_modify_pods_in_place(base_objects):
@@ -106,13 +123,17 @@ def test_serviceaccount_does_not_automount_by_default(base_objects):
     assert sa["automountServiceAccountToken"] is False
 
 
-@pytest.mark.parametrize("name, labels, verbs", [
-    ("finetune-trainingjobs-view", {"rbac.authorization.k8s.io/aggregate-to-view"},
-     {"get", "list", "watch"}),
-    ("finetune-trainingjobs-edit", {"rbac.authorization.k8s.io/aggregate-to-edit",
-                                    "rbac.authorization.k8s.io/aggregate-to-admin"},
-     {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}),
-])
+@pytest.mark.parametrize(
+    "name, labels, verbs",
+    [
+        ("finetune-trainingjobs-view", {"rbac.authorization.k8s.io/aggregate-to-view"}, {"get", "list", "watch"}),
+        (
+            "finetune-trainingjobs-edit",
+            {"rbac.authorization.k8s.io/aggregate-to-edit", "rbac.authorization.k8s.io/aggregate-to-admin"},
+            {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"},
+        ),
+    ],
+)
 def test_user_roles_aggregate_and_never_write_status(base_objects, name, labels, verbs):
     role = one(base_objects, "ClusterRole", name)
     for label in labels:
@@ -130,8 +151,9 @@ def test_no_user_role_can_forge_status(base_objects):
         if role["metadata"]["name"] in {"finetune-operator"}:
             continue
         for _, _, resource, verb, _ in grants(role):
-            assert not (resource == "trainingjobs/status" and verb in {"create", "update", "patch"}), \
-                role["metadata"]["name"]
+            assert not (resource == "trainingjobs/status" and verb in {"create", "update", "patch"}), role["metadata"][
+                "name"
+            ]
 
 
 def _readme_table() -> set[tuple[str, str, str, str, str]]:
@@ -153,4 +175,5 @@ def test_readme_rbac_table_matches_the_roles():
     table = _readme_table()
     assert table == EXPECTED_OPERATOR_GRANTS, (
         f"README only: {sorted(table - EXPECTED_OPERATOR_GRANTS)}\n"
-        f"roles only: {sorted(EXPECTED_OPERATOR_GRANTS - table)}")
+        f"roles only: {sorted(EXPECTED_OPERATOR_GRANTS - table)}"
+    )

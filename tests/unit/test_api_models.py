@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from jobkit import T0, spec_dict
 
 from finetune_operator.api import (
     SpecError,
@@ -12,7 +13,6 @@ from finetune_operator.api import (
     parse_status,
     status_to_dict,
 )
-from jobkit import T0, spec_dict
 
 
 def test_defaults_match_the_contract():

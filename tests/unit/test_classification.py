@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-from finetune_operator.core import CreatePod, DeletePod, PodCondition, ProgressSample
 from jobkit import (
     T0,
     at,
@@ -18,6 +16,8 @@ from jobkit import (
     starting_pod,
     step,
 )
+
+from finetune_operator.core import CreatePod, DeletePod, PodCondition, ProgressSample
 
 
 # --- container exited 0 on the last attempt -> Succeeded -------------------------------------

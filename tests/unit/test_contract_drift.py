@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 
+from jobkit import T0, make_spec, observe
+from prometheus_client import generate_latest
+
 import finetune_contract as c
+from finetune_operator.api import TrainingJobStatus
 from finetune_operator.core import observe_pod
 from finetune_operator.core.classify import Ended, classify_pod
 from finetune_operator.core.trainer_metrics import parse_trainer_metrics
 from finetune_operator.pods import build_pod
 from finetune_operator.trainer_env import trainer_env
 from finetune_trainer.metrics import TrainerMetrics
-from finetune_operator.api import TrainingJobStatus
-from jobkit import T0, make_spec, observe
-from prometheus_client import generate_latest
 
 
 def test_operator_reads_every_metric_the_trainer_serves():

@@ -5,16 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-
-from finetune_operator.api import TrainingJobStatus
-from finetune_operator.core import (
-    CreatePod,
-    DeleteJob,
-    DeletePod,
-    ProgressSample,
-    backoff_seconds,
-    status_changed_materially,
-)
 from jobkit import (
     T0,
     at,
@@ -27,6 +17,16 @@ from jobkit import (
     running_pod,
     starting_pod,
     step,
+)
+
+from finetune_operator.api import TrainingJobStatus
+from finetune_operator.core import (
+    CreatePod,
+    DeleteJob,
+    DeletePod,
+    ProgressSample,
+    backoff_seconds,
+    status_changed_materially,
 )
 
 
@@ -368,14 +368,18 @@ def test_status_names_the_jobs_own_directories_and_success_says_where_the_adapte
 
 
 def test_checkpoint_status_follows_the_running_trainer():
-    from finetune_operator.core.observation import ProgressSample
     from jobkit import running_pod
+
+    from finetune_operator.core.observation import ProgressSample
 
     spec = make_spec(checkpoint={"claimName": "team", "mountPath": "/ck"})
     status = step(None, spec=spec).status
-    d = step(status, [running_pod(1)], now=at(5), spec=spec, progress=ProgressSample(step=120, last_checkpoint_step=100))
+    sample = ProgressSample(step=120, last_checkpoint_step=100)
+    d = step(status, [running_pod(1)], now=at(5), spec=spec, progress=sample)
     assert (d.status.checkpoint.step, d.status.checkpoint.path) == (100, "/ck/checkpoints/checkpoint-100")
-    later = step(d.status, [running_pod(1)], now=at(6), spec=spec, progress=ProgressSample(step=121, last_checkpoint_step=None))
+    later = step(
+        d.status, [running_pod(1)], now=at(6), spec=spec, progress=ProgressSample(step=121, last_checkpoint_step=None)
+    )
     assert later.status.checkpoint.step == 100  # never moves backwards or vanishes
 
 

@@ -1,9 +1,9 @@
 """What the API server refused, and statuses read back damaged, become clear status."""
 from __future__ import annotations
 
-from finetune_operator.core import CreatePod, DeletePod, Event
-
 from jobkit import running_job, running_pod, step
+
+from finetune_operator.core import CreatePod, DeletePod, Event
 
 
 def test_rejected_pod_fails_the_job_naming_the_field():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from finetune_operator.pods import build_pod
 from jobkit import make_spec
+
+from finetune_operator.pods import build_pod
 
 ENV = {"FT_MODEL": "tiny/model", "FT_MAX_STEPS": "1000", "FT_METRICS_PORT": "9400"}
 
@@ -80,7 +81,9 @@ def test_resume_from_mounts_the_named_checkpoint_read_only():
                          "subPath": "trainingjobs/team-a/old/u1/checkpoints/checkpoint-40"}
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["FT_RESUME_FROM"] == "/resume-from"
-    assert "FT_RESUME_FROM" not in {e["name"] for e in pod_of(checkpoint={"claimName": "ckpt"})["spec"]["containers"][0]["env"]}
+    assert "FT_RESUME_FROM" not in {
+        e["name"] for e in pod_of(checkpoint={"claimName": "ckpt"})["spec"]["containers"][0]["env"]
+    }
 
 
 def test_restricted_security_defaults():
@@ -95,8 +98,9 @@ def test_restricted_security_defaults():
 
 
 def test_template_security_context_keys_replace_defaults():
-    spec = _pod(template={"securityContext": {"runAsUser": 2000}, "containerSecurityContext": {
-        "readOnlyRootFilesystem": True}})["spec"]
+    spec = _pod(
+        template={"securityContext": {"runAsUser": 2000}, "containerSecurityContext": {"readOnlyRootFilesystem": True}}
+    )["spec"]
     assert spec["securityContext"]["runAsUser"] == 2000 and spec["securityContext"]["runAsNonRoot"] is True
     assert spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert spec["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
@@ -111,8 +115,10 @@ def test_template_overrides_are_applied():
         "schedulerName": "kai",
         "serviceAccountName": "trainer",
         "imagePullSecrets": [{"name": "regcred"}],
-        "env": [{"name": "FT_MAX_STEPS", "value": "5"}, {"name": "HF_TOKEN",
-                                                        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}}],
+        "env": [
+            {"name": "FT_MAX_STEPS", "value": "5"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}},
+        ],
         "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
         "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
     }
@@ -121,7 +127,10 @@ def test_template_overrides_are_applied():
     assert spec["tolerations"] == template["tolerations"]
     assert spec["affinity"] == template["affinity"]
     assert (spec["priorityClassName"], spec["schedulerName"], spec["serviceAccountName"]) == (
-        "training", "kai", "trainer")
+        "training",
+        "kai",
+        "trainer",
+    )
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     env = {e["name"]: e for e in spec["containers"][0]["env"]}
     assert env["FT_MAX_STEPS"] == {"name": "FT_MAX_STEPS", "value": "5"}  # template wins
