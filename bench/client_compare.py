@@ -68,13 +68,16 @@ class Ours:
     async def open(self, kubeconfig: str) -> None:
         os.environ["KUBECONFIG"] = kubeconfig  # the operator's own login path (kopf reads it)
         info = self.kopf.login_with_kubeconfig(settings=self.kopf.OperatorSettings())
+        if info is None:
+            raise RuntimeError(f"no credentials in {kubeconfig}")
         self.client = self.kube.KubeClient(info)
 
     async def get(self, ns: str, name: str) -> Any:
         return await self.client.get(self.client.job_path(ns, name))
 
     async def patch_status(self, ns: str, name: str, body: dict) -> Any:
-        return await self.client.merge_patch(self.client.job_path(ns, name) + "/status", body)
+        path = self.client.job_path(ns, name) + "/status"
+        return await self.client.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     async def close(self) -> None:
         await self.client.close()
@@ -125,7 +128,9 @@ class KubernetesAsyncio:
         await self.api.close()
 
 
-DRIVERS = {"ours": Ours, "lightkube": Lightkube, "kubernetes_asyncio": KubernetesAsyncio}
+DRIVERS: dict[str, type[Ours] | type[Lightkube] | type[KubernetesAsyncio]] = {
+    "ours": Ours, "lightkube": Lightkube, "kubernetes_asyncio": KubernetesAsyncio,
+}
 
 
 def _ms_stats(samples: list[float]) -> dict:

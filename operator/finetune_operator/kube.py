@@ -13,8 +13,9 @@ import signal
 import ssl
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 import kopf
@@ -240,8 +241,10 @@ class KubeClient:
         resource = _resource_of(path)
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
+        session = self._session
+        assert session is not None  # _ensure made it
         try:
-            async with self._session.request(method, path.lstrip("/"), data=data,
+            async with session.request(method, path.lstrip("/"), data=data,
                                              headers=headers, params=params) as resp:
                 text = await resp.text()
                 status = resp.status
@@ -271,10 +274,6 @@ class KubeClient:
 
     async def create(self, path: str, body: dict) -> dict:
         return await self.request("POST", path, body=body)
-
-    async def merge_patch(self, path: str, body: dict) -> dict:
-        return await self.request("PATCH", path, body=body,
-                                  content_type="application/merge-patch+json")
 
     async def delete(self, path: str, body: dict | None = None) -> Any:
         return await self.request("DELETE", path, body=body)
