@@ -89,7 +89,7 @@ async def delete_job(client: KubeClient, namespace: str, name: str, uid: str) ->
 async def post_event(client: KubeClient, job: dict, type_: str, reason: str, message: str,
                      component: str = "finetune-operator") -> None:
     meta = job["metadata"]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ts = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     event = {
         "apiVersion": "v1", "kind": "Event",

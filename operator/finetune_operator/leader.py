@@ -17,7 +17,7 @@ log = logging.getLogger("finetune.leader")
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _fmt(t: dt.datetime) -> str:
@@ -86,7 +86,7 @@ class LeaderElector:
                     metrics.LEADER.set(1)
                     log.info("became leader (lease %s, identity %s)", self.name, self.identity)
                     return
-            except Exception as exc:  # noqa: BLE001 - API down: keep waiting, loudly
+            except Exception as exc:  # API down: keep waiting, loudly
                 log.warning("leader election: %s", exc)
             if not logged:
                 log.info("standby: lease %s is held by another replica; waiting", self.name)
@@ -104,7 +104,7 @@ class LeaderElector:
                 log.error("lost the lease %s to another replica", self.name)
                 self.lost.set()
                 metrics.LEADER.set(0)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any failure counts against the renew deadline
                 log.warning("lease renewal failed: %s", exc)
                 if asyncio.get_running_loop().time() - last_renew > self.renew_deadline:
                     log.error("could not renew the lease for %.0fs; stepping down",
@@ -120,5 +120,5 @@ class LeaderElector:
                 lease["spec"]["renewTime"] = _fmt(_now() - dt.timedelta(seconds=self.duration + 1))
                 lease["spec"]["holderIdentity"] = ""
                 await self.client.request("PUT", self.path, body=lease)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # best effort: the lease expires on its own
             log.warning("could not release the lease: %s", exc)

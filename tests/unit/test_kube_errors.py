@@ -21,8 +21,19 @@ from cryptography.x509.oid import NameOID
 
 from finetune_operator import actions, kube
 from finetune_operator.config import OperatorConfig
-from finetune_operator.kube import (AlreadyExists, ApiError, BadRequest, Cause, Conflict, Forbidden, Gone, Invalid,
-                                    KubeClient, NotFound, api_error)
+from finetune_operator.kube import (
+    AlreadyExists,
+    ApiError,
+    BadRequest,
+    Cause,
+    Conflict,
+    Forbidden,
+    Gone,
+    Invalid,
+    KubeClient,
+    NotFound,
+    api_error,
+)
 from finetune_operator.leader import LeaderElector
 from finetune_operator.preflight import PreflightError, preflight
 
@@ -274,7 +285,7 @@ def test_the_client_raises_the_typed_error_of_the_answer():
 def client_cert() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "finetune-operator")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now)
             .not_valid_after(now + dt.timedelta(hours=1)).sign(key, hashes.SHA256()))

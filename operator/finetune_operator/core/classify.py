@@ -103,7 +103,9 @@ def last_activity(pod: PodObservation, obs: Observation, status: TrainingJobStat
     return max(candidates, default=obs.now)
 
 
-def stall_at(pod: PodObservation, obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> datetime | None:
+def stall_at(
+    pod: PodObservation, obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus
+) -> datetime | None:
     """When a running trainer counts as stalled; None when stall detection does not apply."""
     if obs.progress is None or pod.running is None:
         return None

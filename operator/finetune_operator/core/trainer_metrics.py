@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import finetune_contract as contract
 
@@ -52,7 +52,7 @@ def parse_trainer_metrics(text: str) -> ProgressSample | None:
         last_checkpoint_step=integer("last_checkpoint_step") or None,
         loading=heartbeat == 0,
         heartbeat_time=(
-            datetime.fromtimestamp(heartbeat, tz=timezone.utc)
+            datetime.fromtimestamp(heartbeat, tz=UTC)
             if heartbeat is not None and math.isfinite(heartbeat) and heartbeat > 0
             else None
         ),
