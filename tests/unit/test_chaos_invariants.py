@@ -1,0 +1,249 @@
+"""The chaos run's invariants (finetune_testbed.chaos.invariants) on hand-made jobs, pods
+and Events: each check must find what is wrong and stay quiet about what is right, or a
+chaos run could pass while the operator misbehaves."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from finetune_testbed.chaos.invariants import (
+    all_resting,
+    at_rest,
+    consistency_problems,
+    event_problems,
+    inconsistent_jobs,
+    job_violations,
+    nonzero_attempts,
+    operator_tracebacks,
+    outcome_problems,
+    overlap_violations,
+    own_tracebacks,
+    will_finish_soon,
+)
+from finetune_testbed.chaos.plans import JobPlan
+
+
+def job(name="j", phase="Running", attempt=1, failures=0, resumes=0, restarts=None, reason=None, uid="u1"):
+    status = {"phase": phase, "attempt": attempt, "failures": failures, "resumes": resumes,
+              "restarts": failures + resumes if restarts is None else restarts}
+    if reason:
+        status["reason"] = reason
+    return {"metadata": {"name": name, "uid": uid}, "status": status}
+
+
+def pod(job_name="j", attempt=1, phase="Running", exit_code=None, deleting=False, evicted=False,
+        started=None):
+    meta = {"name": f"{job_name}-{attempt}",
+            "labels": {"finetune.dev/job-name": job_name, "finetune.dev/attempt": str(attempt)}}
+    if deleting:
+        meta["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    status: dict = {"phase": phase}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"state": {"terminated": {"exitCode": exit_code}}}]
+    elif started is not None:
+        status["containerStatuses"] = [{"state": {"running": {
+            "startedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}}}]
+    if evicted:
+        status["reason"] = "Evicted"
+    return {"metadata": meta, "spec": {"nodeName": "n-0"}, "status": status}
+
+
+# --- status vs pods -------------------------------------------------------------------------
+def test_running_job_with_its_running_pod_is_consistent():
+    assert consistency_problems(job(), [pod()]) == []
+
+
+@pytest.mark.parametrize("pods, expected", [
+    ([], "Running but pod j-1 is missing"),
+    ([pod(phase="Pending")], "Running but pod j-1 is Pending"),
+    ([pod(deleting=True)], "Running but pod j-1 is Running (deleting)"),
+])
+def test_running_without_a_running_pod(pods, expected):
+    assert consistency_problems(job(), pods) == [expected]
+
+
+def test_running_with_an_old_attempt_still_live():
+    problems = consistency_problems(job(attempt=2, resumes=1), [pod(attempt=1), pod(attempt=2)])
+    assert problems == ["Running with extra live pods ['j-1', 'j-2']"]
+
+
+def test_finished_job_with_a_live_pod():
+    problems = consistency_problems(job(phase="Succeeded"), [pod()])
+    assert problems == ["Succeeded but pods still live: ['j-1']"]
+
+
+def test_pods_of_later_attempts_than_the_status():
+    resuming = job(phase="Resuming", attempt=1, resumes=1, reason="WaitingForPodToStop")
+    problems = consistency_problems(resuming, [pod(attempt=1, phase="Failed", exit_code=143),
+                                               pod(attempt=2, phase="Pending")])
+    assert problems == ["pods of later attempts than status.attempt=1: ['j-2']"]
+
+
+def test_starting_queued_resuming_against_the_current_pod():
+    assert consistency_problems(job(phase="Starting"), [pod(phase="Pending")]) == []
+    assert consistency_problems(job(phase="Starting"), []) == ["Starting but pod j-1 is missing"]
+    assert consistency_problems(job(phase="Queued"), [pod()]) == ["Queued but pod j-1 is Running"]
+    resuming = job(phase="Resuming", attempt=1, resumes=1)
+    assert consistency_problems(resuming, [pod()]) == ["Resuming but pod j-1 is Running and not being stopped"]
+    assert consistency_problems(resuming, [pod(deleting=True)]) == []
+
+
+def test_counting_each_concluded_attempt_once():
+    # attempt 3 running: two earlier attempts concluded
+    assert consistency_problems(job(attempt=3, failures=1, resumes=1), [pod(attempt=3)]) == []
+    assert consistency_problems(job(attempt=3, failures=1), [pod(attempt=3)]) == [
+        "counting: failures 1 + resumes 0 != attempts concluded 2 (attempt 3, Running/None)"]
+    # a counted final failure concludes the current attempt too
+    failed = job(phase="Failed", attempt=2, failures=2, reason="BackoffLimitExceeded")
+    assert consistency_problems(failed, []) == []
+    assert consistency_problems(job(attempt=2, resumes=1, restarts=0), [pod(attempt=2)]) == [
+        "restarts 0 != failures + resumes 1"]
+
+
+def test_no_phase():
+    assert consistency_problems({"metadata": {"name": "j"}, "status": {}}, []) == ["no status.phase"]
+
+
+def test_inconsistent_jobs_names_only_the_wrong_ones():
+    jobs = {"a": job("a"), "b": job("b")}
+    pods = {"a-1": pod("a")}
+    assert inconsistent_jobs(jobs, pods) == {"b": ["Running but pod b-1 is missing"]}
+
+
+# --- at rest ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("phase, reason, expected", [
+    ("Succeeded", None, True), ("Failed", "BackoffLimitExceeded", True), ("Running", None, True),
+    ("Queued", "Unschedulable", True), ("Queued", None, False), ("Queued", "CreatingPod", False),
+    ("Resuming", "WaitingForPodToStop", True), ("Starting", None, False),
+])
+def test_at_rest(phase, reason, expected):
+    assert at_rest(job(phase=phase, reason=reason), []) is expected
+
+
+def test_a_job_whose_pod_is_about_to_end_is_not_resting():
+    plan = JobPlan("j", "succeed", 1, run_for=30.0)
+    jobs, young = {"j": job()}, {"j-1": pod(started=time.time() - 2)}
+    assert will_finish_soon(plan, jobs["j"], list(young.values()))
+    assert not all_resting({"j": plan}, jobs, young)
+    old = {"j-1": pod(started=time.time() - 120)}
+    assert all_resting({"j": plan}, jobs, old)
+    # a `run` job never ends by itself
+    assert not will_finish_soon(JobPlan("j", "run", 1), jobs["j"], list(young.values()))
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+def test_nonzero_attempts_ignore_stops_and_disruptions():
+    pods = [pod(attempt=1, phase="Failed", exit_code=1),
+            pod(attempt=2, phase="Failed", exit_code=143),
+            pod(attempt=3, phase="Failed", exit_code=2, evicted=True),
+            pod(attempt=4, phase="Failed", exit_code=3, deleting=True),
+            pod(attempt=5, phase="Succeeded", exit_code=0)]
+    assert nonzero_attempts(pods) == {1}
+
+
+def test_fail_job_must_fail_after_backoff_limit_plus_one_failures():
+    plan = JobPlan("j", "fail", 1, backoff_limit=1)
+    ok = job(phase="Failed", attempt=2, failures=2, reason="BackoffLimitExceeded")
+    assert outcome_problems(plan, ok, set(), {1, 2}) == []
+    short = job(phase="Failed", attempt=1, failures=1, reason="BackoffLimitExceeded")
+    assert outcome_problems(plan, short, set(), {1}) == [
+        "expected Failed/BackoffLimitExceeded with 2 failures, got Failed/BackoffLimitExceeded with 1"]
+
+
+def test_disruptions_alone_never_count_as_failures():
+    plan = JobPlan("j", "succeed", 1)
+    st = job(attempt=2, failures=1)
+    assert outcome_problems(plan, st, set(), set()) == [
+        "failures 1 > attempts that were made to fail []",
+        "1 failures although only disruptions were injected"]
+    # an injected exit-code fault on attempt 1 makes that failure legitimate
+    assert outcome_problems(plan, st, {1}, {1}) == []
+
+
+def test_an_attempt_that_exited_nonzero_must_be_counted():
+    plan = JobPlan("j", "succeed", 1)
+    st = job(attempt=2, resumes=1)
+    assert outcome_problems(plan, st, {1}, {1}) == [
+        "failures 0 < attempts whose pods exited non-zero [1]"]
+
+
+def test_run_job_failed_without_exit_faults():
+    plan = JobPlan("j", "run", 1)
+    st = job(phase="Failed", attempt=1, reason="PodLost")
+    assert outcome_problems(plan, st, set(), set()) == [
+        "Failed/PodLost (failures 0, resumes 0); injected exit faults on attempts []"]
+    assert outcome_problems(plan, job(phase="Queued", reason="Unschedulable"), set(), set()) == [
+        "expected Running, got Queued/Unschedulable"]
+
+
+def test_evict_job_ends_with_max_resumes_exceeded():
+    plan = JobPlan("j", "evict", 1, max_resumes=1, backoff_limit=20)
+    ok = job(phase="Failed", attempt=2, resumes=2, reason="MaxResumesExceeded")
+    assert outcome_problems(plan, ok, set(), set()) == []
+    early = job(phase="Running", attempt=2, resumes=1)
+    assert outcome_problems(plan, early, set(), set()) == [
+        "expected Failed/MaxResumesExceeded with 2 resumes, got Running/None with 1 resumes, 0 failures"]
+
+
+def test_job_violations_lost_statusless_and_unexpected():
+    plans = {n: JobPlan(n, "run", 1) for n in ("a", "b", "c", "d")}
+    jobs = {"b": {"metadata": {"name": "b"}, "status": {}},
+            "c": job("c"),
+            "d": job("d", phase="Failed", reason="PodLost")}
+    violations, unexpected = job_violations(plans, jobs, [pod("c")], {})
+    assert violations == [
+        "a: lost (the TrainingJob no longer exists)",
+        "b: has no status",
+        "d [run]: Failed/PodLost (failures 0, resumes 0); injected exit faults on attempts []",
+    ]
+    assert unexpected == ["d"]
+
+
+def test_overlap_violations():
+    assert overlap_violations([{"job": "j", "pods": ["j-1", "j-2"], "t": 3.5}]) == [
+        "j: two live pods at once at t=3.5s: ['j-1', 'j-2']"]
+
+
+# --- Events -----------------------------------------------------------------------------------
+def warning(name, uid="u1", count=1, kind="TrainingJob", type_="Warning"):
+    return {"involvedObject": {"kind": kind, "name": name, "uid": uid}, "type": type_, "count": count}
+
+
+def test_events_duplicated_and_missing():
+    jobs = {"dup": job("dup", attempt=2, resumes=1),
+            "lost": job("lost", phase="Failed", attempt=3, failures=3, reason="BackoffLimitExceeded"),
+            "uncounted": job("uncounted", phase="Failed", reason="InvalidSpec")}
+    events = [warning("dup", count=2),
+              warning("lost"),
+              warning("lost", uid="older-job-of-the-same-name", count=5),
+              warning("lost", type_="Normal", count=5),
+              warning("uncounted")]
+    violations, missing = event_problems(jobs, events)
+    assert violations == ["dup: 2 Warning Events for 1 counted interruptions/failures (duplicated Events)"]
+    assert missing == 2  # "lost" has 1 of 3
+
+
+# --- the operator's log -----------------------------------------------------------------------
+LOG = """2024-05-01 10:00:00,000 INFO starting
+2024-05-01 10:00:01,000 ERROR handler failed
+Traceback (most recent call last):
+  File "/x/finetune_operator/handlers.py", line 3, in on_event
+    boom()
+ValueError: boom
+2024-05-01 10:00:02,000 INFO fine again
+2024-05-01 10:00:03,000 WARNING library trouble
+Traceback (most recent call last):
+  File "/x/site-packages/aiohttp/client.py", line 9, in get
+ConnectionError: reset
+"""
+
+
+def test_operator_tracebacks_and_own_ones():
+    tracebacks = operator_tracebacks(LOG)
+    assert len(tracebacks) == 2
+    assert tracebacks[0].splitlines()[0] == "2024-05-01 10:00:01,000 ERROR handler failed"
+    assert tracebacks[0].splitlines()[-1] == "ValueError: boom"
+    assert tracebacks[1].splitlines()[-1] == "ConnectionError: reset"
+    assert own_tracebacks(tracebacks) == [tracebacks[0]]
+    assert operator_tracebacks("2024-05-01 10:00:00,000 INFO all quiet\n") == []
