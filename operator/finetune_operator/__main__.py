@@ -14,12 +14,12 @@ import sys
 
 import kopf
 
+from . import metrics
 from .config import OperatorConfig, parse_args
 from .handlers import POD_SELECTOR, register
 from .health import HealthServer, keep_checking_api
 from .kube import TRANSPORT_ERRORS, KubeClient
 from .leader import LeaderElector
-from . import metrics
 from .metrics import REGISTRY, FleetCollector
 from .preflight import PreflightError, preflight
 from .reconciler import Reconciler
@@ -62,7 +62,7 @@ async def wait_for_api(client: KubeClient, cfg: OperatorConfig, stop: asyncio.Ev
             log.warning("API server unreachable (%s); retrying in %.0fs", exc, delay)
         try:
             await asyncio.wait_for(stop.wait(), delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         delay = min(delay * 2, 15.0)
     return False
@@ -103,10 +103,6 @@ async def run(cfg: OperatorConfig) -> int:
         @kopf.on.login(registry=registry)
         def _login(**_):
             return info
-
-        @kopf.on.probe(registry=registry, id="api")
-        def _api_probe(**_):
-            return health.ready()[0]
 
         kopf_stop = asyncio.Event()
         # Created before kopf starts: kopf waits 5 s on exit for every task created after its

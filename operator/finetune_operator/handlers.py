@@ -10,26 +10,48 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from collections.abc import Mapping
+from typing import Any, cast
 
 import kopf
 
-from .api import GROUP, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, TERMINAL_PHASES, VERSION
+from .api import (
+    GROUP,
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    PLURAL,
+    TERMINAL_PHASES,
+    VERSION,
+    SpecError,
+    parse_spec,
+    parse_status,
+)
 from .api.parsing import plain
 from .config import OperatorConfig
 from .kube import resource_version
-from .reconciler import Reconciler, job_key_of_pod, without_managed_fields
+from .reconciler import Key, Reconciler, without_managed_fields
 
 log = logging.getLogger("finetune.handlers")
 POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
 
-def _needs_timer(spec, status, **_) -> bool:
-    if (status or {}).get("phase") not in TERMINAL_PHASES:
+def _needs_timer(spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
+    """A live job needs the timer; a finished one only to delete it after its TTL."""
+    if parse_status(status).phase not in TERMINAL_PHASES:
         return True
-    return ((spec or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+    try:
+        return parse_spec(spec).run_policy.ttl_seconds_after_finished is not None
+    except SpecError:
+        return False  # decide() cannot read a TTL from a spec that fails validation either
 
 
-def _pod_summary(body) -> dict:
+def job_key_of_pod(namespace: str | None, labels: Mapping[str, str]) -> Key | None:
+    name = labels.get(LABEL_JOB_NAME)
+    return (namespace, name) if name and namespace else None
+
+
+def _pod_summary(body: Mapping[str, Any]) -> dict:
     """What the decision core reads of a pod; kept small (one per pod in memory)."""
     meta = body.get("metadata") or {}
     return {
@@ -44,7 +66,7 @@ def _pod_summary(body) -> dict:
     }
 
 
-def _job_body(body) -> dict:
+def _job_body(body: Mapping[str, Any]) -> dict:
     """The job as plain dicts for the reconciler's cache, without metadata.managedFields:
     never read, and with the status conditions it is the bulk of a TrainingJob (memory,
     and the time plain() spends copying it on every event; bench/README.md, profile)."""
@@ -71,10 +93,12 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorConfig) -> None:
-    on = dict(registry=registry)
+    def bind(kwargs: Mapping[str, Any]) -> None:
+        # kopf passes each index as a keyword named after its id (its handler protocols do not list them).
+        reconciler.bind(kwargs["pods_by_job"], kwargs["node_readiness"])
 
-    @kopf.on.startup(**on)
-    async def configure(settings: kopf.OperatorSettings, **_):
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = f"{GROUP}/operator"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = NoDiffBase()
@@ -85,27 +109,27 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         settings.posting.level = logging.WARNING
         settings.networking.request_timeout = 60
 
-    @kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, id="pods_by_job", **on)
-    async def pods_by_job(namespace, labels, body, **_):
+    @kopf.index("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, id="pods_by_job", registry=registry)
+    async def pods_by_job(namespace: str | None, labels: Mapping[str, str], body: kopf.Body,
+                          **_: Any) -> dict | None:
         # async on purpose (also node_readiness): kopf runs a sync handler in its thread
         # pool, one executor round trip per pod event (bench/README.md, profile).
         key = job_key_of_pod(namespace, labels)
         return {key: _pod_summary(body)} if key else None
 
-    @kopf.index("v1", "nodes", id="node_readiness", **on)
-    async def node_readiness(name, status, body, **_):
-        ready = next((c for c in (status or {}).get("conditions") or [] if c.get("type") == "Ready"),
-                     None)
+    @kopf.index("v1", "nodes", id="node_readiness", registry=registry)
+    async def node_readiness(name: str, status: kopf.Status, body: kopf.Body, **_: Any) -> dict:
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
         return {name: {"ready": bool(ready and ready.get("status") == "True"),
                        "since": (ready or {}).get("lastTransitionTime"),
                        "rv": resource_version(body)}}
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, **on)
-    async def job_event(event, body, pods_by_job, node_readiness, **_):
-        reconciler.bind(pods_by_job, node_readiness)
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def job_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+        bind(kwargs)
         # kopf keeps the latest raw body of every object with a timer (what `event` holds):
         # managedFields, never read, was most of it: 53 MiB at 1,000 jobs (bench/README.md).
-        without_managed_fields(event.get("object") or {})
+        without_managed_fields(cast(dict, event.get("object") or {}))  # in place: kopf's own copy
         if event.get("type") == "DELETED":
             reconciler.job_gone((body["metadata"]["namespace"], body["metadata"]["name"]))
             return
@@ -114,9 +138,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         key = reconciler.job_seen(_job_body(body))
         await reconciler.trigger(key, "job")
 
-    @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, **on)
-    async def pod_event(namespace, labels, pods_by_job, node_readiness, **_):
-        reconciler.bind(pods_by_job, node_readiness)
+    @kopf.on.event("v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY}, registry=registry)
+    async def pod_event(namespace: str | None, labels: Mapping[str, str], **kwargs: Any) -> None:
+        bind(kwargs)
         key = job_key_of_pod(namespace, labels)
         if key is None or key not in reconciler.jobs:
             return  # not ours, or its job is gone (garbage collection removes it)
@@ -124,9 +148,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         await reconciler.trigger(key, "pod")
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=cfg.progress_interval, when=_needs_timer,
-                initial_delay=lambda **_: random.uniform(0, cfg.progress_interval), **on)
-    async def job_timer(body, pods_by_job, node_readiness, **_):
-        reconciler.bind(pods_by_job, node_readiness)
+                initial_delay=lambda **_: random.uniform(0, cfg.progress_interval), registry=registry)
+    async def job_timer(body: kopf.Body, **kwargs: Any) -> None:
+        bind(kwargs)
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         cached = reconciler.jobs.get(key)
@@ -135,7 +159,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         await reconciler.tick(key)
 
     _timers_without_finalizer(registry)
-    if registry._changing.get_all_handlers():  # noqa: SLF001 - NoDiffBase would starve them
+    if registry._changing.get_all_handlers():  # NoDiffBase would starve them
         raise RuntimeError("on.create/update/field handlers need a real kopf DiffBaseStorage")
 
 
@@ -144,6 +168,5 @@ def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
     holds nothing to clean up (deletion simply stops it), and the finalizer costs three
     writes per job, conflicts with status writes, and blocks `kubectl delete` while the
     operator is down. kopf has no public switch for this, hence the registry edit."""
-    spawning = registry._spawning  # noqa: SLF001 - see docstring
-    spawning._handlers = [dataclasses.replace(h, requires_finalizer=False)  # noqa: SLF001
-                          for h in spawning._handlers]  # noqa: SLF001
+    spawning = registry._spawning
+    spawning._handlers = [dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers]

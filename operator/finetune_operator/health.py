@@ -1,5 +1,6 @@
-"""HTTP endpoints on the operator's loop: /healthz (the event loop and kopf are
-alive), /readyz (the API server answered recently), /metrics (Prometheus)."""
+"""HTTP endpoints on the operator's loop: /healthz (answers while the event loop runs; the
+process exits when kopf or the Lease renewal stops), /readyz (the API server answered
+recently), /metrics (Prometheus)."""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,7 @@ async def keep_checking_api(client, interval: float = 2.0) -> None:
             continue
         try:
             await client.get("/version")
-        except Exception:  # noqa: BLE001 - the client recorded the failure in its state
+        except Exception:  # the client recorded the failure in its state
             pass
 
 
@@ -29,7 +30,6 @@ class HealthServer:
     def __init__(self, api_state, *, ready_window: float = 60.0):
         self._api = api_state
         self._ready_window = ready_window
-        self.heartbeat = time.time()  # touched by the operator's timer loop
         self._runners: list[web.AppRunner] = []
 
     def ready(self) -> tuple[bool, str]:
@@ -60,7 +60,7 @@ class HealthServer:
                                           headers={"Content-Type": CONTENT_TYPE_LATEST}))
 
     async def start(self, host: str, health_port: int, metrics_port: int) -> None:
-        apps = {}
+        apps: dict[int, list[web.RouteDef]] = {}
         for port, routes in ((health_port, [web.get("/healthz", self._healthz),
                                             web.get("/readyz", self._readyz)]),
                              (metrics_port, [web.get("/metrics", self._metrics)])):

@@ -2,6 +2,9 @@
 namespace, phase, reason, verb — never pod or job names."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
@@ -55,10 +58,10 @@ class FleetCollector:
 
     PHASES = ("Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed")
 
-    def __init__(self, snapshot):
-        self._snapshot = snapshot  # () -> iterable of (namespace, status dict, spec dict)
+    def __init__(self, snapshot: Callable[[], Iterable[tuple[str, dict[str, Any]]]]):
+        self._snapshot = snapshot  # (namespace, job_metrics.fleet_row) per job
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily(P + "jobs", "TrainingJobs by phase.", labels=["namespace", "phase"])
         oldest = GaugeMetricFamily(P + "oldest_queued_seconds",
                                    "Seconds the oldest Queued job has waited (since its attempt "
@@ -69,7 +72,7 @@ class FleetCollector:
         counts: dict[tuple[str, str], int] = {}
         oldest_by_ns: dict[str, float] = {}
         stalled_by_ns: dict[str, int] = {}
-        namespaces = set()
+        namespaces: set[str] = set()
         for ns, row in self._snapshot():
             namespaces.add(ns)
             phase = row.get("phase") or "Queued"

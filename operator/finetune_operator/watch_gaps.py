@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .kube import TRANSPORT_ERRORS, ApiError, KubeClient, resource_version
+
+if TYPE_CHECKING:
+    from .reconciler import Reconciler
 
 log = logging.getLogger("finetune.watch_gaps")
 PAGE_SIZE = 500
@@ -47,7 +50,7 @@ async def list_all(client: KubeClient, path: str, **params) -> tuple[list[dict],
             return items, listed_at
 
 
-async def keep_auditing(reconciler, client: KubeClient, interval: float,
+async def keep_auditing(reconciler: Reconciler, client: KubeClient, interval: float,
                         pod_selector: str) -> None:
     """Runs until cancelled; one failed round is logged in one line and retried next time."""
     while True:
@@ -58,7 +61,7 @@ async def keep_auditing(reconciler, client: KubeClient, interval: float,
             log.warning("watch-gap audit failed (retried in %.0fs): %s", interval, exc)
 
 
-async def audit_once(reconciler, client: KubeClient, pod_selector: str) -> None:
+async def audit_once(reconciler: Reconciler, client: KubeClient, pod_selector: str) -> None:
     if reconciler.pod_index is None:
         return  # the watches have not delivered anything yet
     namespaces = {ns for ns, _ in reconciler.jobs}
@@ -81,5 +84,5 @@ async def audit_once(reconciler, client: KubeClient, pod_selector: str) -> None:
 def _snapshot(index: Mapping) -> list[tuple[Any, list]]:
     try:
         return [(key, list(index.get(key, ()))) for key in list(index)]
-    except Exception:  # noqa: BLE001 - kopf's Store may change while iterated; next round
+    except Exception:  # kopf's Store may change while iterated; next round
         return []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune_operator.api import TrainingJobSpec, TrainingJobStatus, parse_spec
@@ -20,7 +20,7 @@ from finetune_operator.core import (
 )
 
 JOB = "ft"
-T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 BASE_SPEC: dict[str, Any] = {
     "image": "registry.example/trainer:1",
@@ -71,7 +71,7 @@ def starting_pod(attempt: int, reason: str = "ContainerCreating", message: str |
 def running_pod(attempt: int, started: datetime = T0, **kw: Any) -> PodObservation:
     return PodObservation(name=name(attempt), attempt=attempt, uid=f"uid-{attempt}", phase="Running",
                           scheduled=True, node_name=kw.pop("node_name", "node-a"),
-                          container=ContainerRunning(started), creation_time=T0, start_time=started, **kw)
+                          container=ContainerRunning(started), creation_time=T0, **kw)
 
 
 def exited_pod(attempt: int, code: int, reason: str | None = None, report: dict[str, Any] | None = None,

@@ -1,19 +1,23 @@
-"""Pure helpers around the core: pod manifests -> facts, metrics text, merge patches, privileges."""
+"""Pure helpers around the core: pod manifests -> facts, which pods count, metrics text, privileges."""
 
 from __future__ import annotations
 
 import json
 
+from jobkit import T0, make_spec, spec_dict
+
 from finetune_operator.core import (
     ContainerRunning,
     ContainerTerminated,
     ContainerWaiting,
-    merge_patch,
+    counts_for,
+    decide,
+    observe_job,
     observe_pod,
+    observe_pods,
     parse_trainer_metrics,
     privileged_settings,
 )
-from jobkit import T0, make_spec
 
 
 def _pod(status, **meta):
@@ -83,13 +87,6 @@ def test_parse_trainer_metrics():
     assert parse_trainer_metrics("finetune_trainer_heartbeat_timestamp_seconds 0\n").heartbeat_time is None
 
 
-def test_merge_patch():
-    old = {"phase": "Running", "reason": "X", "progress": {"step": 1, "loss": 2.0}, "conditions": [1]}
-    new = {"phase": "Running", "progress": {"step": 2, "loss": 2.0}, "conditions": [1, 2]}
-    assert merge_patch(old, new) == {"reason": None, "progress": {"step": 2}, "conditions": [1, 2]}
-    assert merge_patch(new, new) == {}
-
-
 def test_privileged_settings_lists_each_setting():
     spec = make_spec(template={
         "hostNetwork": True,
@@ -113,19 +110,42 @@ def test_unprivileged_templates_pass():
     assert privileged_settings(spec) == []
 
 
-def test_observe_pods_skips_pods_of_another_owner():
-    mine = _pod({"phase": "Running"}, ownerReferences=[{"uid": "job-uid", "controller": True}])
-    old = _pod({"phase": "Running"}, ownerReferences=[{"uid": "deleted-job-uid", "controller": True}])
-    from finetune_operator.core import observe_pods
+def _owned(uid: str | None, controller: bool = True, **status):
+    refs = [{"uid": uid, "controller": controller}] if uid else []
+    return _pod({"phase": "Running", **status}, ownerReferences=refs)
 
-    assert [p.uid for p in observe_pods([mine, old], "job-uid")] == ["u2"]
-    assert len(observe_pods([mine, old])) == 2
+
+def test_only_pods_the_job_controls_count():
+    mine = _owned("job-uid")
+    old = _owned("deleted-job-uid")  # a deleted job's pod, same name and labels, not yet collected
+    hand_made = _owned(None)  # our labels, no owner at all
+    not_controller = _owned("job-uid", controller=False)  # owned, but another controller manages it
+    assert [counts_for(p, "job-uid") for p in (mine, old, hand_made, not_controller)] == [True, False, False, False]
+    assert [p.uid for p in observe_pods([mine, old, hand_made, not_controller], "job-uid")] == ["u2"]
+    assert observe_pods([mine, hand_made], "") == ()  # a job without a uid (never from the API) owns nothing
+
+
+def test_observe_job_counts_only_the_pods_the_job_controls():
+    job = {"metadata": {"name": "ft", "namespace": "ns", "uid": "job-uid"}, "spec": spec_dict(),
+           "status": {"phase": "Queued", "attempt": 2, "reason": "CreatingPod"}}
+    stray = _owned(None)  # would read as attempt 2's pod if it counted
+    assert observe_job(job, [stray], now=T0).pods == ()
+    assert [p.name for p in observe_job(job, [stray, _owned("job-uid")], now=T0).pods] == ["ft-2"]
+
+
+def test_observe_job_asks_for_the_nodes_of_the_pods_that_count_only():
+    job = {"metadata": {"name": "ft", "uid": "job-uid"}, "spec": spec_dict()}
+    asked = []
+
+    def unready(pods):
+        asked.append([p.node_name for p in pods])
+        return {"node-a": None}
+
+    obs = observe_job(job, [_owned("job-uid"), _owned("other")], now=T0, unready_nodes=unready)
+    assert asked == [["node-a"]] and obs.unready_nodes == {"node-a": None}
 
 
 def test_observe_job_parses_spec_status_and_pods():
-    from finetune_operator.core import decide, observe_job
-    from jobkit import spec_dict
-
     job = {"metadata": {"name": "ft", "uid": "job-uid", "generation": 4,
                         "creationTimestamp": "2025-01-01T00:00:00Z"},
            "spec": spec_dict(), "status": {"phase": "Queued", "attempt": 1, "reason": "CreatingPod"}}
@@ -135,13 +155,11 @@ def test_observe_job_parses_spec_status_and_pods():
     pod["metadata"]["name"], pod["metadata"]["labels"] = "ft-1", {"finetune.dev/attempt": "1"}
     obs = observe_job(job, [pod], now=T0, unready_nodes=["node-b"])
     assert (obs.job_name, obs.generation, obs.status.attempt, obs.spec_error) == ("ft", 4, 1, None)
-    assert obs.unready_nodes == {"node-b": None} and obs.creation_time == T0
+    assert obs.unready_nodes == {"node-b": None}
     assert decide(obs).status.phase == "Running"
 
 
 def test_observe_job_turns_a_bad_spec_into_spec_error():
-    from finetune_operator.core import decide, observe_job
-
     obs = observe_job({"metadata": {"name": "ft"}, "spec": {"image": "x"}}, [], now=T0)
     assert obs.spec is None and obs.spec_error.startswith("spec.model: Field required")
     assert decide(obs).status.reason == "InvalidSpec"

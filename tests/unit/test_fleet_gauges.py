@@ -1,11 +1,13 @@
 """The scrape-time fleet gauges' per-job rows, as docs/CONTRACTS.md defines them."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from finetune_operator.reconciler import DEFAULT_STALL_SECONDS, fleet_row
+from jobkit import spec_dict
 
-NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+from finetune_operator.job_metrics import UNSET_STALL_ALERT_SECONDS, fleet_row
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def ts(seconds_ago: float) -> str:
@@ -13,7 +15,7 @@ def ts(seconds_ago: float) -> str:
 
 
 def job(status: dict | None = None, stall: int | None = None, created_ago: float = 5000) -> dict:
-    spec = {"runPolicy": {"stallTimeoutSeconds": stall}} if stall else {}
+    spec = spec_dict(runPolicy={"stallTimeoutSeconds": stall}) if stall else spec_dict()
     return {"metadata": {"creationTimestamp": ts(created_ago)}, "spec": spec, "status": status or {}}
 
 
@@ -34,9 +36,17 @@ def test_running_without_a_heartbeat_past_the_stall_timeout_is_stalled():
 
 
 def test_without_a_heartbeat_the_attempt_start_counts_and_the_default_limit_applies():
-    long_ago = job({"phase": "Running", "attemptStartTime": ts(DEFAULT_STALL_SECONDS + 1)})
-    recent = job({"phase": "Running", "attemptStartTime": ts(DEFAULT_STALL_SECONDS - 1)})
+    long_ago = job({"phase": "Running", "attemptStartTime": ts(UNSET_STALL_ALERT_SECONDS + 1)})
+    recent = job({"phase": "Running", "attemptStartTime": ts(UNSET_STALL_ALERT_SECONDS - 1)})
     assert fleet_row(long_ago, NOW)["stalling"] and not fleet_row(recent, NOW)["stalling"]
+
+
+def test_a_spec_that_fails_validation_gets_the_contract_threshold():
+    body = job({"phase": "Running", "attemptStartTime": ts(UNSET_STALL_ALERT_SECONDS + 1)}, stall=60)
+    body["spec"]["hyperparameters"] = {}  # neither maxSteps nor epochs
+    assert fleet_row(body, NOW)["stalling"]
+    body["status"]["attemptStartTime"] = ts(UNSET_STALL_ALERT_SECONDS - 1)
+    assert not fleet_row(body, NOW)["stalling"]
 
 
 def test_finished_jobs_are_neither_queued_nor_stalled():

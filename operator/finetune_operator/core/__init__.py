@@ -1,9 +1,8 @@
 """The pure decision core: observations in, (status, actions, wake-up) out. No I/O, no clock."""
 
 from .actions import Action, CreatePod, Decision, DeleteJob, DeletePod, Event
-from .classify import START_ERRORS, match_failure_policy
-from .conditions import CONDITION_TYPES
 from .decide import decide
+from .job_facts import NodeFacts, UnreadyNodes, observe_job
 from .observation import (
     ContainerRunning,
     ContainerTerminated,
@@ -13,9 +12,7 @@ from .observation import (
     PodObservation,
     ProgressSample,
 )
-from .job_facts import observe_job
-from .patch import merge_patch
-from .pod_facts import observe_pod, observe_pods, parse_time
+from .pod_facts import counts_for, observe_pod, observe_pods, parse_time
 from .privileged import privileged_settings
 from .progress import status_changed_materially
 from .timing import backoff_seconds
@@ -23,7 +20,6 @@ from .trainer_metrics import parse_trainer_metrics
 
 __all__ = [
     "Action",
-    "CONDITION_TYPES",
     "ContainerRunning",
     "ContainerTerminated",
     "ContainerWaiting",
@@ -32,15 +28,15 @@ __all__ = [
     "DeleteJob",
     "DeletePod",
     "Event",
+    "NodeFacts",
     "Observation",
     "PodCondition",
     "PodObservation",
     "ProgressSample",
-    "START_ERRORS",
+    "UnreadyNodes",
     "backoff_seconds",
+    "counts_for",
     "decide",
-    "match_failure_policy",
-    "merge_patch",
     "observe_job",
     "observe_pod",
     "observe_pods",

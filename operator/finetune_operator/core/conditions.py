@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 from ..api.models import Condition, TrainingJobSpec, TrainingJobStatus
 
-CONDITION_TYPES = ("Admitted", "Running", "Progressing", "Resumable", "Suspended", "Succeeded", "Failed")
 ADMISSION_FAILURES = frozenset({"InvalidSpec", "PrivilegedTemplate"})
 
 
@@ -71,7 +70,9 @@ def wanted_conditions(status: TrainingJobStatus, spec: TrainingJobSpec | None) -
         else Wanted("Succeeded", "False", phase)
     )
     failed = (
-        Wanted("Failed", "True", reason_or_phase, status.message) if phase == "Failed" else Wanted("Failed", "False", phase)
+        Wanted("Failed", "True", reason_or_phase, status.message)
+        if phase == "Failed"
+        else Wanted("Failed", "False", phase)
     )
     return [admitted, running, progressing, resumable, suspended, succeeded, failed]
 
@@ -84,14 +85,14 @@ def merge_conditions(
     merged = []
     for want in wanted:
         before = previous.get(want.type)
-        flipped = before is None or before.status != want.status or before.last_transition_time is None
+        kept = before.last_transition_time if before is not None and before.status == want.status else None
         merged.append(
             Condition(
                 type=want.type,
                 status=want.status,
                 reason=want.reason,
                 message=want.message,
-                last_transition_time=now if flipped else before.last_transition_time,
+                last_transition_time=kept or now,
                 observed_generation=generation,
             )
         )

@@ -179,7 +179,11 @@ def _succeed(obs: Observation, status: TrainingJobStatus, pod: PodObservation | 
         phase="Succeeded",
         reason="Completed",
         message=f"training completed{at_step} in attempt {status.attempt}; "
-        + (f"adapter in {status.output_path}" if status.output_path else "adapter in an emptyDir (no checkpoint.claimName): gone with the pod"),
+        + (
+            f"adapter in {status.output_path}"
+            if status.output_path
+            else "adapter in an emptyDir (no checkpoint.claimName): gone with the pod"
+        ),
         completion_time=_now(obs),
         progress=final_progress(status.progress, report, _now(obs)),
     )
@@ -286,13 +290,13 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
             "(checkpoint.resumeFrom can start it from this job's checkpoint)",
         )
         return failed, stop_pods(obs, live_pods(obs), "SpecChanged")
-    refused = privileged_settings(spec)
-    if refused and not obs.allow_privileged:
+    privileged = privileged_settings(spec)
+    if privileged and not obs.allow_privileged:
         failed = _fail(
             obs,
             status,
             "PrivilegedTemplate",
-            f"the template asks for privileged settings ({', '.join(refused)}) and the operator does not allow them",
+            f"the template asks for privileged settings ({', '.join(privileged)}) and the operator does not allow them",
         )
         return failed, stop_pods(obs, live_pods(obs), "PrivilegedTemplate")
     refused = _create_refused(obs, status)
@@ -312,7 +316,8 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
             obs,
             status,
             "DeadlineExceeded",
-            f"the job was active longer than runPolicy.activeDeadlineSeconds ({spec.run_policy.active_deadline_seconds}s)",
+            "the job was active longer than runPolicy.activeDeadlineSeconds "
+            f"({spec.run_policy.active_deadline_seconds}s)",
         )
         return failed, stop_pods(obs, live_pods(obs), "DeadlineExceeded")
     if status.phase is None and status.attempt > 0:

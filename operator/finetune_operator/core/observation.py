@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
-from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from ..api.models import TrainingJobSpec, TrainingJobStatus
@@ -61,7 +61,6 @@ class PodObservation:
     container: ContainerState = None  # the trainer container's current state
     termination_message: Mapping[str, Any] | None = None  # the trainer's JSON termination message
     creation_time: datetime | None = None
-    start_time: datetime | None = None
 
     @property
     def live(self) -> bool:
@@ -137,7 +136,6 @@ class Observation:
     node_lost_after_seconds: float = 0.0
     progress: ProgressSample | None = None  # None: unknown or unreachable (never a stall)
     allow_privileged: bool = False
-    creation_time: datetime | None = None  # informational; the rules do not use it
     # What the API server said to this reconcile's CreatePod, when it refused it:
     # ("rejected", message) for an invalid pod (a permanent spec problem), ("forbidden",
     # message) when admission refused it (quota, PriorityClass, Pod Security: may clear), or
@@ -146,7 +144,7 @@ class Observation:
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:
-            object.__setattr__(self, "now", self.now.replace(tzinfo=timezone.utc))
+            object.__setattr__(self, "now", self.now.replace(tzinfo=UTC))
         object.__setattr__(self, "unready_nodes", _node_map(self.unready_nodes))
         object.__setattr__(self, "pods", tuple(self.pods))
 

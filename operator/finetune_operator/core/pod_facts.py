@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_contract import parse_termination_message
@@ -21,14 +21,14 @@ from .observation import (
 
 def parse_time(value: Any) -> datetime | None:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     if not isinstance(value, str) or not value:
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _attempt(metadata: Mapping[str, Any]) -> int:
@@ -78,7 +78,9 @@ def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
     scheduled_condition = next((c for c in conditions if c.type == "PodScheduled"), None)
     unschedulable = (
         scheduled_condition.message or scheduled_condition.reason
-        if scheduled_condition and scheduled_condition.status == "False" and scheduled_condition.reason == "Unschedulable"
+        if scheduled_condition
+        and scheduled_condition.status == "False"
+        and scheduled_condition.reason == "Unschedulable"
         else None
     )
     container, report = _container_state(list(status.get("containerStatuses") or []))
@@ -97,20 +99,23 @@ def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
         container=container,
         termination_message=report,
         creation_time=parse_time(metadata.get("creationTimestamp")),
-        start_time=parse_time(status.get("startTime")),
     )
 
 
-def controller_uid(pod: Mapping[str, Any]) -> str | None:
+def _controller_uid(pod: Mapping[str, Any]) -> str | None:
     for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
             return ref.get("uid")
     return None
 
 
-def observe_pods(pods: Iterable[Mapping[str, Any]], job_uid: str | None = None) -> tuple[PodObservation, ...]:
-    """Facts for the job's pods. With job_uid, pods controlled by anything else are skipped:
-    a deleted job's pods (same name, same labels) can outlive it until garbage collection."""
-    return tuple(
-        observe_pod(pod) for pod in pods if job_uid is None or controller_uid(pod) in (None, job_uid)
-    )
+def counts_for(pod: Mapping[str, Any], job_uid: str) -> bool:
+    """The one rule for which pods are the job's: its controller ownerReference names the job's uid.
+    A deleted job's pods (same name, same labels) can outlive it until garbage collection, and a
+    hand-made pod with our labels (no controller) is not ours to act on."""
+    return bool(job_uid) and _controller_uid(pod) == job_uid
+
+
+def observe_pods(pods: Iterable[Mapping[str, Any]], job_uid: str) -> tuple[PodObservation, ...]:
+    """Facts for the pods that count for the job (counts_for), in the given order."""
+    return tuple(observe_pod(pod) for pod in pods if counts_for(pod, job_uid))
