@@ -327,8 +327,113 @@ def audit_api(ctx: Context, side: Side, res: dict) -> None:
                                           sorted(kcm["counts"].items())}
 
 
+def _submit(ctx: Context, side: Side, watcher: Watcher, names: list[str], res: dict) -> None:
+    """Phases 1-2: submit N owners; time to pods created, pods Running, owners running."""
+    n, api, wait = ctx.n, ctx.api, ctx.args.timeout
+    log(f"{side.key}: submitting {n} owners")
+    t0 = time.monotonic()
+    create_s: list[float] = []
+
+    def create(name: str) -> None:
+        t = time.monotonic()
+        api.create(side.owner_path(), side.manifest(name))
+        create_s.append(time.monotonic() - t)
+    _run_all(ctx, create, names)
+    res["submit_s"] = time.monotonic() - t0
+    res["create_call_ms"] = report.lag_stats(create_s)
+    wait_until(lambda: watcher.count_pods() >= n, wait, f"{n} pods created", 0.05)
+    res["pods_created_s"] = max(watcher.added_times("pod")) - t0
+    log(f"{side.key}: all {n} pods exist after {res['pods_created_s']:.1f}s")
+    wait_until(lambda: watcher.count_pods("Running") >= n, wait, f"{n} pods Running", 0.05)
+    res["pods_running_s"] = max(watcher.first_time("pod", "Running")) - t0
+    wait_until(lambda: watcher.count_owners("running") >= n, wait, f"{n} owners running", 0.05)
+    res["owners_running_s"] = max(watcher.first_time("owner", "running")) - t0
+    lag = report.lag_stats(watcher.lags("Running", "running"))
+    res.update(running_lag_median_ms=lag["median_ms"], running_lag_p99_ms=lag["p99_ms"],
+               running_lag_max_ms=lag["max_ms"])
+    log(f"{side.key}: all owners running after {res['owners_running_s']:.1f}s")
+
+
+def _steady_state(ctx: Context, res: dict) -> None:
+    """N jobs Running, nothing changing: what the controller costs to hold them."""
+    ctx.sampler.sample()
+    cpu0, t_s = ctx.sampler.cpu_seconds("controller"), time.monotonic()
+    time.sleep(ctx.args.steady_seconds)
+    ctx.sampler.sample()
+    res["steady_cpu_pct"] = 100 * (ctx.sampler.cpu_seconds("controller") - cpu0) / max(
+        1e-9, time.monotonic() - t_s)
+    res["rss_at_n_running_mib"] = ctx.sampler.rss_now_mib("controller")
+    res["api_connections_at_n_running"] = ctx.sampler.connections("controller")[0]
+
+
+def _restart(ctx: Context, side: Side, watcher: Watcher, changed_owners: list[str], pod_of: dict[str, str],
+             res: dict) -> None:
+    """Phase 3: pods complete while the controller is down; time to converge after its restart."""
+    api, wait, k = ctx.api, ctx.args.timeout, len(changed_owners)
+    pods_path = f"/api/v1/namespaces/{side.namespace}/pods"
+    side.before_kill()
+    side.kill()
+    t_kill = time.monotonic()
+    _run_all(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
+                                            workload.SUCCEED_PATCH), changed_owners)
+    wait_until(lambda: watcher.count_pods("Succeeded") >= k, wait,
+               f"{k} pods Succeeded while the controller is down", 0.05)
+    res["inconsistent_at_restart"] = watcher.inconsistent()
+    t_restart = time.monotonic()
+    side.restart()
+    wait_until(lambda: watcher.inconsistent() == 0, wait, "all owners match their pods", 0.05)
+    res["restart_convergence_s"] = time.monotonic() - t_restart
+    with watcher.lock:
+        res["restart_owner_times"] = sorted(
+            round(watcher.owners[o].times.get("complete", float("nan")) - t_restart, 3)
+            for o in changed_owners)
+    res["restart"] = {"changed_pods": k, "down_s": t_restart - t_kill,
+                      "convergence_s": res["restart_convergence_s"]}
+    log(f"{side.key}: restart with {k} changed pods converged in "
+        f"{res['restart_convergence_s']:.1f}s")
+
+
+def _complete(ctx: Context, side: Side, watcher: Watcher, rest: list[str], pod_of: dict[str, str],
+              res: dict) -> None:
+    """Phase 4: complete the remaining pods at a fixed rate; lag from pod to owner."""
+    n, api, wait, rate = ctx.n, ctx.api, ctx.args.timeout, ctx.args.rate
+    pods_path = f"/api/v1/namespaces/{side.namespace}/pods"
+    log(f"{side.key}: completing {len(rest)} pods at {rate:g}/s")
+    t_c = time.monotonic()
+    _paced(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
+                                          workload.SUCCEED_PATCH), rest, rate)
+    wait_until(lambda: watcher.count_owners("complete") >= n, wait, f"{n} owners complete",
+               0.05)
+    # the two watch streams are independent: an owner's event can arrive before its pod's
+    wait_until(lambda: watcher.count_pods("Succeeded") >= n, wait, f"{n} pods Succeeded", 0.05)
+    res["completion_phase_s"] = time.monotonic() - t_c
+    lags = watcher.lags("Succeeded", "complete", owners=set(rest))
+    c = report.lag_stats(lags)
+    res.update(complete_lag_n=c["n"], complete_lag_median_ms=c["median_ms"],
+               complete_lag_p99_ms=c["p99_ms"], complete_lag_max_ms=c["max_ms"])
+    with watcher.lock:
+        last_pod = max(watcher.pods[pod_of[o]].times["Succeeded"] for o in rest)
+        last_owner = max(watcher.owners[o].times["complete"] for o in rest)
+    res["completion_tail_s"] = last_owner - last_pod
+    log(f"{side.key}: all owners complete; lag median {c['median_ms']:.0f} ms, "
+        f"p99 {c['p99_ms']:.0f} ms")
+
+
+def _resources(ctx: Context, side: Side, watcher: Watcher, res: dict) -> None:
+    """Phase 5: memory, CPU and connections of the controller and the control plane."""
+    ctx.sampler.sample()
+    res.update(side.finish())
+    res["window_end"] = time.time()
+    res["rss_peak_mib"] = ctx.sampler.rss_peak_mib("controller")
+    res["rss_end_mib"] = ctx.sampler.rss_now_mib("controller")
+    res["cpu_s"] = ctx.sampler.cpu_seconds("controller")
+    res["api_connections_peak"] = ctx.sampler.connections("controller")[1]
+    res["control_plane_cpu_s"] = _cp_cpu(ctx)
+    res["control_plane_cpu_detail"] = {nm: ctx.sampler.cpu_seconds(nm) for nm in CONTROL_PLANE}
+    res["watch_errors"] = sum(s.errors for s in watcher.streams)
+
+
 def run_side(ctx: Context, side: Side) -> dict:
-    n, args, api, wait = ctx.n, ctx.args, ctx.api, ctx.args.timeout
     res: dict = {"side": side.title, "namespace": side.namespace}
     _create_namespace(ctx, side.namespace)
     ctx.sampler.reset("controller")
@@ -336,111 +441,24 @@ def run_side(ctx: Context, side: Side) -> dict:
         ctx.sampler.reset(name)
         ctx.sampler.track(name, _started_pid(ctx.cluster.procs[name].pid, name), from_zero=False)
     side.setup()
-    watcher = Watcher(api, side.namespace, side.owner_path(), side.owner_state,
+    watcher = Watcher(ctx.api, side.namespace, side.owner_path(), side.owner_state,
                       side.pod_owner_label).start()
-    pods_path = f"/api/v1/namespaces/{side.namespace}/pods"
-    names = _names(n)
+    names = _names(ctx.n)
     try:
         res["window_start"] = time.time()
-
-        # 1-2: submit, then pods created / Running / owners running
-        log(f"{side.key}: submitting {n} owners")
-        t0 = time.monotonic()
-        create_s: list[float] = []
-
-        def create(name: str) -> None:
-            t = time.monotonic()
-            api.create(side.owner_path(), side.manifest(name))
-            create_s.append(time.monotonic() - t)
-        _run_all(ctx, create, names)
-        res["submit_s"] = time.monotonic() - t0
-        res["create_call_ms"] = report.lag_stats(create_s)
-        wait_until(lambda: watcher.count_pods() >= n, wait, f"{n} pods created", 0.05)
-        res["pods_created_s"] = max(watcher.added_times("pod")) - t0
-        log(f"{side.key}: all {n} pods exist after {res['pods_created_s']:.1f}s")
-        wait_until(lambda: watcher.count_pods("Running") >= n, wait, f"{n} pods Running", 0.05)
-        res["pods_running_s"] = max(watcher.first_time("pod", "Running")) - t0
-        wait_until(lambda: watcher.count_owners("running") >= n, wait, f"{n} owners running", 0.05)
-        res["owners_running_s"] = max(watcher.first_time("owner", "running")) - t0
-        lag = report.lag_stats(watcher.lags("Running", "running"))
-        res.update(running_lag_median_ms=lag["median_ms"], running_lag_p99_ms=lag["p99_ms"],
-                   running_lag_max_ms=lag["max_ms"])
-        log(f"{side.key}: all owners running after {res['owners_running_s']:.1f}s")
-        # steady state: N jobs Running, nothing changing; what the controller costs to hold them
-        ctx.sampler.sample()
-        cpu0, t_s = ctx.sampler.cpu_seconds("controller"), time.monotonic()
-        time.sleep(args.steady_seconds)
-        ctx.sampler.sample()
-        res["steady_cpu_pct"] = 100 * (ctx.sampler.cpu_seconds("controller") - cpu0) / max(
-            1e-9, time.monotonic() - t_s)
-        res["rss_at_n_running_mib"] = ctx.sampler.rss_now_mib("controller")
-        res["api_connections_at_n_running"] = ctx.sampler.connections("controller")[0]
-
-        # 3: restart convergence
-        k = min(args.restart_changes, n // 2)
+        _submit(ctx, side, watcher, names, res)
+        _steady_state(ctx, res)
+        k = min(ctx.args.restart_changes, ctx.n // 2)
         pod_of = watcher.pod_of()
-        changed_owners = names[:k]
-        side.before_kill()
-        side.kill()
-        t_kill = time.monotonic()
-        _run_all(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
-                                                workload.SUCCEED_PATCH), changed_owners)
-        wait_until(lambda: watcher.count_pods("Succeeded") >= k, wait,
-                   f"{k} pods Succeeded while the controller is down", 0.05)
-        res["inconsistent_at_restart"] = watcher.inconsistent()
-        t_restart = time.monotonic()
-        side.restart()
-        wait_until(lambda: watcher.inconsistent() == 0, wait, "all owners match their pods", 0.05)
-        res["restart_convergence_s"] = time.monotonic() - t_restart
-        with watcher.lock:
-            res["restart_owner_times"] = sorted(
-                round(watcher.owners[o].times.get("complete", float("nan")) - t_restart, 3)
-                for o in changed_owners)
-        res["restart"] = {"changed_pods": k, "down_s": t_restart - t_kill,
-                          "convergence_s": res["restart_convergence_s"]}
-        log(f"{side.key}: restart with {k} changed pods converged in "
-            f"{res['restart_convergence_s']:.1f}s")
-
-        # 4: complete the rest at a fixed rate
-        rest = names[k:]
-        log(f"{side.key}: completing {len(rest)} pods at {args.rate:g}/s")
-        t_c = time.monotonic()
-        _paced(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
-                                              workload.SUCCEED_PATCH), rest, args.rate)
-        wait_until(lambda: watcher.count_owners("complete") >= n, wait, f"{n} owners complete",
-                   0.05)
-        # the two watch streams are independent: an owner's event can arrive before its pod's
-        wait_until(lambda: watcher.count_pods("Succeeded") >= n, wait, f"{n} pods Succeeded", 0.05)
-        res["completion_phase_s"] = time.monotonic() - t_c
-        rest_set = set(rest)
-        lags = watcher.lags("Succeeded", "complete", owners=rest_set)
-        c = report.lag_stats(lags)
-        res.update(complete_lag_n=c["n"], complete_lag_median_ms=c["median_ms"],
-                   complete_lag_p99_ms=c["p99_ms"], complete_lag_max_ms=c["max_ms"])
-        with watcher.lock:
-            last_pod = max(watcher.pods[pod_of[o]].times["Succeeded"] for o in rest)
-            last_owner = max(watcher.owners[o].times["complete"] for o in rest)
-        res["completion_tail_s"] = last_owner - last_pod
-        log(f"{side.key}: all owners complete; lag median {c['median_ms']:.0f} ms, "
-            f"p99 {c['p99_ms']:.0f} ms")
-
-        # 5: resources and API requests
-        ctx.sampler.sample()
-        res.update(side.finish())
-        res["window_end"] = time.time()
-        res["rss_peak_mib"] = ctx.sampler.rss_peak_mib("controller")
-        res["rss_end_mib"] = ctx.sampler.rss_now_mib("controller")
-        res["cpu_s"] = ctx.sampler.cpu_seconds("controller")
-        res["api_connections_peak"] = ctx.sampler.connections("controller")[1]
-        res["control_plane_cpu_s"] = _cp_cpu(ctx)
-        res["control_plane_cpu_detail"] = {nm: ctx.sampler.cpu_seconds(nm) for nm in CONTROL_PLANE}
-        res["watch_errors"] = sum(s.errors for s in watcher.streams)
+        _restart(ctx, side, watcher, names[:k], pod_of, res)
+        _complete(ctx, side, watcher, names[k:], pod_of, res)
+        _resources(ctx, side, watcher, res)
         return res
     finally:
         watcher.stop()
         try:
-            if args.cleanup and side is not ctx.last_side:
-                res["cleanup_s"] = _delete_namespace(ctx, side.namespace, wait)
+            if ctx.args.cleanup and side is not ctx.last_side:
+                res["cleanup_s"] = _delete_namespace(ctx, side.namespace, ctx.args.timeout)
                 log(f"{side.key}: namespace deleted in {res['cleanup_s']:.1f}s")
         finally:
             side.teardown()

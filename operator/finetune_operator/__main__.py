@@ -68,6 +68,67 @@ async def wait_for_api(client: KubeClient, cfg: OperatorConfig, stop: asyncio.Ev
     return False
 
 
+def _elector(client: KubeClient, cfg: OperatorConfig) -> LeaderElector | None:
+    """This replica's leader elector; None when leader election is off."""
+    if not cfg.leader_elect:
+        return None
+    identity = cfg.identity or f"{socket.gethostname()}-{os.getpid()}"
+    return LeaderElector(client, cfg.leader_election_namespace, cfg.leader_election_name, identity,
+                         cfg.lease_duration)
+
+
+async def _lead(elector: LeaderElector | None, stop: asyncio.Event) -> bool:
+    """Wait until this replica leads (at once without leader election); False when asked to stop first."""
+    if elector is None:
+        metrics.LEADER.set(1)
+        return True
+    acquire = asyncio.ensure_future(elector.acquire())
+    await asyncio.wait([acquire, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        acquire.cancel()
+        return False
+    asyncio.ensure_future(elector.keep_renewing())
+    return True
+
+
+async def _run_kopf(registry: kopf.OperatorRegistry, reconciler: Reconciler, client: KubeClient,
+                    cfg: OperatorConfig, stop: asyncio.Event, elector: LeaderElector | None) -> None:
+    """Run kopf's watches and timers until a signal or the loss of leadership."""
+    loop = asyncio.get_running_loop()
+    kopf_stop = asyncio.Event()
+    # Created before kopf starts: kopf waits 5 s on exit for every task created after its
+    # start ("hung" tasks), and a waiter left pending would delay the Lease release.
+    waiters = [asyncio.ensure_future(stop.wait())]
+    auditor = asyncio.ensure_future(keep_auditing(reconciler, client, cfg.timer_interval, POD_SELECTOR))
+    if elector:
+        waiters.append(asyncio.ensure_future(elector.lost.wait()))
+
+    async def watch_stop():
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        kopf_stop.set()
+    waiters.append(asyncio.ensure_future(watch_stop()))
+    namespaces = cfg.namespaces
+    log.info("operator starting: %s, timer every %.0fs, progress every %.0fs",
+             f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces",
+             cfg.timer_interval, cfg.progress_interval)
+    # kopf.operator() is spawn_tasks() + run_tasks(); split so that our signal handlers
+    # win: spawn_tasks installs kopf's own SIGTERM/SIGINT handlers, and on a signal kopf
+    # leaves its stop-flag waiter pending and waits 5 s for that "hung" task before it
+    # returns, which would delay the Lease release by 5 s.
+    existing = asyncio.all_tasks() - {asyncio.current_task()}
+    tasks = await kopf.spawn_tasks(registry=registry, standalone=True,
+                                   clusterwide=not namespaces, namespaces=namespaces,
+                                   stop_flag=kopf_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await kopf.run_tasks(tasks, ignored=existing)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        auditor.cancel()
+
+
 async def run(cfg: OperatorConfig) -> int:
     info = await login()
     client = KubeClient(info, connections=cfg.api_connections)
@@ -84,19 +145,9 @@ async def run(cfg: OperatorConfig) -> int:
     try:
         if not await wait_for_api(client, cfg, stop):
             return 0
-        if cfg.leader_elect:
-            identity = cfg.identity or f"{socket.gethostname()}-{os.getpid()}"
-            elector = LeaderElector(client, cfg.leader_election_namespace,
-                                    cfg.leader_election_name, identity, cfg.lease_duration)
-            acquire = asyncio.ensure_future(elector.acquire())
-            await asyncio.wait([acquire, asyncio.ensure_future(stop.wait())],
-                               return_when=asyncio.FIRST_COMPLETED)
-            if stop.is_set():
-                acquire.cancel()
-                return 0
-            asyncio.ensure_future(elector.keep_renewing())
-        else:
-            metrics.LEADER.set(1)
+        elector = _elector(client, cfg)
+        if not await _lead(elector, stop):
+            return 0
         registry = kopf.OperatorRegistry()
         register(registry, reconciler, cfg)
 
@@ -104,39 +155,7 @@ async def run(cfg: OperatorConfig) -> int:
         def _login(**_):
             return info
 
-        kopf_stop = asyncio.Event()
-        # Created before kopf starts: kopf waits 5 s on exit for every task created after its
-        # start ("hung" tasks), and a waiter left pending would delay the Lease release.
-        waiters = [asyncio.ensure_future(stop.wait())]
-        auditor = asyncio.ensure_future(keep_auditing(reconciler, client, cfg.timer_interval,
-                                                      POD_SELECTOR))
-        if elector:
-            waiters.append(asyncio.ensure_future(elector.lost.wait()))
-
-        async def watch_stop():
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            kopf_stop.set()
-        waiters.append(asyncio.ensure_future(watch_stop()))
-        namespaces = cfg.namespaces
-        log.info("operator starting: %s, timer every %.0fs, progress every %.0fs",
-                 f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces",
-                 cfg.timer_interval, cfg.progress_interval)
-        # kopf.operator() is spawn_tasks() + run_tasks(); split so that our signal handlers
-        # win: spawn_tasks installs kopf's own SIGTERM/SIGINT handlers, and on a signal kopf
-        # leaves its stop-flag waiter pending and waits 5 s for that "hung" task before it
-        # returns, which would delay the Lease release by 5 s.
-        existing = asyncio.all_tasks() - {asyncio.current_task()}
-        tasks = await kopf.spawn_tasks(registry=registry, standalone=True,
-                                       clusterwide=not namespaces, namespaces=namespaces,
-                                       stop_flag=kopf_stop)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await kopf.run_tasks(tasks, ignored=existing)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            auditor.cancel()
+        await _run_kopf(registry, reconciler, client, cfg, stop, elector)
         if elector and elector.lost.is_set():
             log.error("leadership lost; exiting so that a fresh process can stand by")
             return 1
