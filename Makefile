@@ -115,16 +115,16 @@ $(OPVENV)/.installed: trainer-image/contract/pyproject.toml operator/pyproject.t
 	$(OPVENV)/bin/python -m pip install -q -e trainer-image/contract -e operator
 	touch $@
 
-bench: $(STAMP) $(OPVENV)/.installed binaries $(CLIENT_SITE)/.installed
-	$(VPY) -m bench.run --operator-python $(OPVENV)/bin/python $(BENCH_ARGS)
-	$(VPY) -m bench.client_compare --site $(CLIENT_SITE)
-
 # kubernetes_asyncio only for the client comparison, outside the venv: kopf imports it
 # whenever it is installed, and the operator would pay for it.
 CLIENT_SITE := .state/client-compare-site
 $(CLIENT_SITE)/.installed:
 	$(VPY) -m pip install -q --no-deps --target $(CLIENT_SITE) kubernetes_asyncio==36.1.0
 	touch $@
+
+bench: $(STAMP) $(OPVENV)/.installed binaries $(CLIENT_SITE)/.installed
+	$(VPY) -m bench.run --operator-python $(OPVENV)/bin/python $(BENCH_ARGS)
+	$(VPY) -m bench.client_compare --site $(CLIENT_SITE)
 
 JOBS ?= 300
 chaos: $(STAMP) binaries
