@@ -24,8 +24,8 @@ from .api import (
     TERMINAL_PHASES,
     VERSION,
     SpecError,
+    parse_phase,
     parse_spec,
-    parse_status,
 )
 from .api.parsing import plain
 from .config import OperatorConfig
@@ -38,7 +38,7 @@ POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
 def _needs_timer(spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
     """A live job needs the timer; a finished one only to delete it after its TTL."""
-    if parse_status(status).phase not in TERMINAL_PHASES:
+    if parse_phase(status) not in TERMINAL_PHASES:
         return True
     try:
         return parse_spec(spec).run_policy.ttl_seconds_after_finished is not None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
-from .api import parse_status
+from .api import TrainingJobStatus, parse_status
 from .config import OperatorConfig
 from .core import PodObservation, ProgressSample, UnreadyNodes, counts_for, parse_time
 from .job_metrics import fleet_row
@@ -48,6 +48,15 @@ class JobState:
     sample_attempt: int | None = None
     wakeup: asyncio.TimerHandle | None = None
     triggers: set[str] = field(default_factory=set)
+    parsed_status: TrainingJobStatus | None = None  # of the job at parsed_rv
+    parsed_rv: int = -1
+
+    def status_of(self, job: Mapping[str, Any]) -> TrainingJobStatus:
+        """The job's status, parsed once per resourceVersion: the timer reads it every tick of every job."""
+        rv = _rv(job)
+        if self.parsed_status is None or rv != self.parsed_rv:
+            self.parsed_status, self.parsed_rv = parse_status(job.get("status")), rv
+        return self.parsed_status
 
 
 class Reconciler:
@@ -196,7 +205,7 @@ class Reconciler:
         job = self.jobs.get(key)
         if job is None:
             return
-        status = parse_status(job.get("status"))
+        status = st.status_of(job)
         changed = False
         if status.attempt != st.sample_attempt:
             st.sample, st.sample_attempt = None, status.attempt

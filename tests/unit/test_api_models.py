@@ -126,3 +126,11 @@ def test_status_dump_uses_camel_case_and_rfc3339_seconds():
 def test_naive_times_read_as_utc():
     status = parse_status({"startTime": "2025-01-01T00:00:00"})
     assert status.start_time == T0
+
+
+def test_parse_phase_reads_the_phase_as_parse_status_does():
+    from finetune_operator.api import parse_phase
+
+    for raw in ({"phase": "Running", "attempt": 2}, {"phase": "Exploded"}, {"phase": 3}, {}, None, "junk",
+                {"phase": "Failed", "attempt": -5}):
+        assert parse_phase(raw) == parse_status(raw).phase, raw

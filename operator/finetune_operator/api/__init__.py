@@ -42,7 +42,7 @@ from .models import (
     VolumeMount,
     format_time,
 )
-from .parsing import SpecError, parse_spec, parse_status, status_to_dict
+from .parsing import SpecError, parse_phase, parse_spec, parse_status, status_to_dict
 
 __all__ = [
     "API_VERSION",
@@ -87,6 +87,7 @@ __all__ = [
     "VolumeMount",
     "format_time",
     "parse_spec",
+    "parse_phase",
     "parse_status",
     "status_to_dict",
 ]

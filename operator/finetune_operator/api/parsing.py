@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from .models import TrainingJobSpec, TrainingJobStatus
+from .models import Phase, TrainingJobSpec, TrainingJobStatus
+
+_PHASE: TypeAdapter[Phase | None] = TypeAdapter(Phase | None)
 
 MAX_MESSAGE_LENGTH = 400
 
@@ -89,6 +91,17 @@ def parse_status(raw: Any) -> TrainingJobStatus:
             return TrainingJobStatus.model_validate(kept)
         except ValidationError:
             return TrainingJobStatus()
+
+
+def parse_phase(raw: Any) -> Phase | None:
+    """Only the status's phase, as parse_status reads it (an unreadable one is dropped), without
+    the cost of the whole status: kopf asks for it on every event of every job."""
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return _PHASE.validate_python(raw.get("phase"))
+    except ValidationError:
+        return None
 
 
 def status_to_dict(status: TrainingJobStatus) -> dict[str, Any]:
