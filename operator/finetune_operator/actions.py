@@ -9,8 +9,18 @@ import datetime as dt
 import logging
 import uuid
 
-from .kube import GROUP, VERSION, AlreadyExists, ApiError, BadRequest, Forbidden, Invalid, KubeClient, NotFound
-from .kube import Conflict as ApiConflict  # Conflict below is the reconcile's own "re-read" signal
+from .kube import (
+    GROUP,
+    VERSION,
+    AlreadyExists,
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    KubeClient,
+    NotFound,
+)
 
 log = logging.getLogger("finetune.actions")
 
@@ -24,21 +34,15 @@ class PodRejected(Exception):
         self.kind, self.detail = kind, detail
 
 
-class Conflict(Exception):
-    """The job changed under us (409): re-read and decide again."""
-
-
 async def replace_status(client: KubeClient, job: dict, status: dict) -> dict:
+    """The job as written; kube.Conflict when it changed since it was read (re-read, decide again)."""
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingJob",
             "metadata": {"name": job["metadata"]["name"],
                          "namespace": job["metadata"]["namespace"],
                          "resourceVersion": job["metadata"]["resourceVersion"]},
             "spec": job.get("spec") or {}, "status": status}
     path = client.job_path(job["metadata"]["namespace"], job["metadata"]["name"]) + "/status"
-    try:
-        return await client.request("PUT", path, body=body)
-    except ApiConflict as exc:
-        raise Conflict(str(exc)) from None
+    return await client.request("PUT", path, body=body)
 
 
 async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
@@ -73,7 +77,7 @@ async def delete_pod(client: KubeClient, namespace: str, name: str, uid: str | N
     try:
         await client.delete(client.pod_path(namespace, name), body)
         return True
-    except (NotFound, ApiConflict):  # gone already, or a different pod by that name now
+    except (NotFound, Conflict):  # gone already, or a different pod by that name now
         return False
 
 
@@ -82,7 +86,7 @@ async def delete_job(client: KubeClient, namespace: str, name: str, uid: str) ->
             "preconditions": {"uid": uid}}
     try:
         await client.delete(client.job_path(namespace, name), body)
-    except (NotFound, ApiConflict):
+    except (NotFound, Conflict):
         pass  # gone already, or a different job by that name now
 
 

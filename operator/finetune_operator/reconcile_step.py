@@ -31,7 +31,7 @@ from .core import (
     status_changed_materially,
 )
 from .job_metrics import record_status_change
-from .kube import KubeClient, NotFound
+from .kube import Conflict, KubeClient, NotFound
 from .pods import build_pod
 from .trainer_env import trainer_env
 
@@ -48,7 +48,7 @@ class Writer(Protocol):
     """Everything the step changes in the cluster (and the one read a conflict needs)."""
 
     async def write_status(self, job: dict, status: dict) -> dict:
-        """The job as written. Raises actions.Conflict when the job changed since it was read."""
+        """The job as written. Raises kube.Conflict when the job changed since it was read."""
 
     async def read_job(self, namespace: str, name: str) -> dict | None:
         """The job as the API server has it now; None when it is gone."""
@@ -148,7 +148,7 @@ class ReconcileStep:
                     _count_stale_correction(obs)
                 try:
                     written = await self.writer.write_status(job, new_status)
-                except actions.Conflict:
+                except Conflict:
                     fresh = await self.writer.read_job(ns, name)
                     remember(fresh)
                     if fresh is None:

@@ -198,9 +198,9 @@ def test_deletes_of_what_is_gone_or_replaced_are_quiet(code, body):
         asyncio.run(actions.delete_pod(FakeClient(delete=fails(403, RBAC)), "ns", "j-1"))  # type: ignore[arg-type]
 
 
-def test_replace_status_turns_a_409_into_the_reconciles_conflict():
+def test_replace_status_raises_conflict_on_a_409():
     job = {"metadata": {"name": "j", "namespace": "ns", "resourceVersion": "7"}, "spec": {}}
-    with pytest.raises(actions.Conflict):
+    with pytest.raises(kube.Conflict):
         asyncio.run(actions.replace_status(FakeClient(put=fails(409, CONFLICT)), job, {}))  # type: ignore[arg-type]
     with pytest.raises(NotFound):
         asyncio.run(actions.replace_status(FakeClient(put=fails(404, NOT_FOUND)), job, {}))  # type: ignore[arg-type]

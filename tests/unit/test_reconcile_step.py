@@ -9,7 +9,7 @@ from datetime import datetime
 
 from jobkit import at, spec_dict
 
-from finetune_operator import actions
+from finetune_operator import actions, kube
 from finetune_operator.config import OperatorConfig
 from finetune_operator.reconcile_step import Inputs, Outcome, ReconcileStep
 from finetune_operator.reconciler import Reconciler
@@ -42,7 +42,8 @@ class FakeCluster:
             self._bump()
         if job["metadata"]["resourceVersion"] != self.job["metadata"]["resourceVersion"]:
             self.calls.append(("conflict",))
-            raise actions.Conflict("the object has been modified")
+            modified = {"reason": "Conflict", "message": "the object has been modified"}
+            raise kube.api_error(409, modified, "PUT", "status")
         self.calls.append(("status", status.get("phase"), status.get("reason")))
         self.job = {**copy.deepcopy(job), "status": copy.deepcopy(status)}
         self._bump()

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from ..api.parsing import SpecError, parse_spec, parse_status
-from .observation import Observation, PodObservation, ProgressSample
+from .observation import Observation, PodObservation, ProgressSample, node_map
 from .pod_facts import observe_pods
 
 UnreadyNodes = Mapping[str, datetime | None]
@@ -39,12 +39,7 @@ def observe_job(
         spec, spec_error = None, exc.message
     uid = str(metadata.get("uid") or "")
     counted = observe_pods(pods, uid)
-    if callable(unready_nodes):
-        nodes: UnreadyNodes = unready_nodes(counted)
-    elif isinstance(unready_nodes, Mapping):
-        nodes = unready_nodes
-    else:
-        nodes = dict.fromkeys(unready_nodes)
+    nodes = unready_nodes(counted) if callable(unready_nodes) else node_map(unready_nodes)
     generation = metadata.get("generation")
     return Observation(
         now=now,

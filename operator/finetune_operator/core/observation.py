@@ -110,7 +110,7 @@ class ProgressSample:
     loading: bool = False
 
 
-def _node_map(nodes: Mapping[str, datetime | None] | Iterable[str]) -> dict[str, datetime | None]:
+def node_map(nodes: Mapping[str, datetime | None] | Iterable[str]) -> dict[str, datetime | None]:
     if isinstance(nodes, Mapping):
         return dict(nodes)
     return {name: None for name in nodes}
@@ -145,7 +145,7 @@ class Observation:
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:
             object.__setattr__(self, "now", self.now.replace(tzinfo=UTC))
-        object.__setattr__(self, "unready_nodes", _node_map(self.unready_nodes))
+        object.__setattr__(self, "unready_nodes", node_map(self.unready_nodes))
         object.__setattr__(self, "pods", tuple(self.pods))
 
     @cached_property
