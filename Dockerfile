@@ -18,6 +18,13 @@ WORKDIR /build
 COPY operator/pyproject.toml ./
 RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*(d for d in p['dependencies'] if not d.startswith('finetune-')), sep='\n')" > requirements.txt
 
+# The copied sources also get the distribution's metadata (name and version from the same file),
+# so importlib.metadata finds the one version there as in a pip install (finetune_operator/version.py).
+FROM ${BASE_IMAGE} AS metadata
+WORKDIR /build
+COPY operator/pyproject.toml ./
+RUN python3 -c "import tomllib, pathlib; v = tomllib.load(open('pyproject.toml', 'rb'))['project']['version']; d = pathlib.Path('dist', f'finetune_operator-{v}.dist-info'); d.mkdir(parents=True); (d / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: finetune-operator\nVersion: {v}\n')"
+
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -38,8 +45,10 @@ RUN --mount=type=cache,id=finetune-pip,target=/root/.cache/pip \
 
 COPY trainer-image/contract/finetune_contract/ /opt/finetune/python/finetune_contract/
 COPY operator/finetune_operator/ /opt/finetune/python/finetune_operator/
+COPY --from=metadata /build/dist/ /opt/finetune/python/
 RUN python -m compileall -q /opt/finetune/python \
     && python -c "import finetune_operator.__main__" \
+    && python -c "from finetune_operator.version import UNKNOWN, __version__ as v; assert v != UNKNOWN, v; print(v)" \
     && groupadd --gid 65532 finetune-operator \
     && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin finetune-operator
 

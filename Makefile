@@ -21,12 +21,14 @@ help:
 	@echo "make test          - install everything and run the whole test suite"
 	@echo "make cluster-up    - start the local control plane in the background (prints KUBECONFIG);"
 	@echo "                     REAL_NODE=1 adds the real node (kubelet + containerd)"
+	@echo "                     KUEUE=1 adds Kueue (plain-pod integration; README, Queueing with Kueue)"
 	@echo "make images        - build the operator and trainer images with podman"
 	@echo "make cluster-down  - stop it"
 	@echo "make test-unit     - the fast tests only (no control plane, no trainer); also"
 	@echo "                     test-cluster (local control plane) and test-trainer (real trainer, CPU)"
 	@echo "make lint          - ruff and mypy (configured in pyproject.toml); make test runs it"
-	@echo "make manifests     - regenerate crds/ from the pydantic models; check-manifests: fail if stale"
+	@echo "make manifests     - regenerate crds/ from the pydantic models, deploy/crd/ and the Helm chart"
+	@echo "                     (charts/, from deploy/); check-manifests: fail if stale"
 	@echo "make run           - run the operator against the current kubeconfig"
 	@echo "make install       - apply the CRD to the current kubeconfig; uninstall deletes it"
 	@echo "make deploy        - apply deploy/ (CRD, namespace, RBAC, operator) to the current kubeconfig;"
@@ -52,10 +54,12 @@ manifests: $(STAMP)
 	$(VPY) -m finetune_operator.api.crd --write crds/
 	bash hack/sync-crd.sh
 	$(VPY) hack/gen-prometheusrule.py
+	$(VPY) hack/gen-chart.py
 
 check-manifests: $(STAMP)
 	$(VPY) -m finetune_operator.api.crd --check crds/
 	diff -r -x kustomization.yaml crds/ deploy/crd/
+	$(VPY) hack/gen-chart.py --check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -82,9 +86,11 @@ test-trainer: $(STAMP)
 	$(VPY) -m pytest tests -m "trainer and not e2e" $(PYTEST_ARGS)
 
 # REAL_NODE=1: also the real node (kubelet + containerd running the images built here).
+# KUEUE=1: also Kueue's manager, for namespaces labelled finetune.dev/kueue=enabled.
 REAL_NODE ?= 0
+KUEUE ?= 0
 cluster-up: $(STAMP) binaries $(if $(filter 1,$(REAL_NODE)),node-tools images)
-	REAL_NODE=$(REAL_NODE) $(VPY) -m finetune_testbed up
+	REAL_NODE=$(REAL_NODE) KUEUE=$(KUEUE) $(VPY) -m finetune_testbed up
 
 cluster-down: $(STAMP)
 	$(VPY) -m finetune_testbed down
@@ -125,6 +131,7 @@ $(CLIENT_SITE)/.installed:
 bench: $(STAMP) $(OPVENV)/.installed binaries $(CLIENT_SITE)/.installed
 	$(VPY) -m bench.run --operator-python $(OPVENV)/bin/python $(BENCH_ARGS)
 	$(VPY) -m bench.client_compare --site $(CLIENT_SITE)
+	$(if $(BENCH_GANG),$(VPY) -m bench.gang_restart --operator-python $(OPVENV)/bin/python $(BENCH_GANG_ARGS))
 
 JOBS ?= 300
 chaos: $(STAMP) binaries

@@ -88,7 +88,7 @@ def run_ours(a: argparse.Namespace, workdir: str) -> dict:
     timer = _timer()
     try:
         training.train(
-            cfg, check_model_path(a.model), d.load_examples(cfg), StopSignal(), Report(cfg, False), metrics, [timer]
+            cfg, check_model_path(a.model), d.prepare(cfg), StopSignal(), Report(cfg, False), metrics, [timer]
         )
     finally:
         metrics.close()

@@ -82,7 +82,7 @@ def one_run(tmp: Path, model: str, data: str, steps: int, with_metrics: bool) ->
         scraper.start()
     timer = _step_timer()
     try:
-        training.train(cfg, model, d.load_examples(cfg), StopSignal(), Report(cfg, False), metrics, [timer])
+        training.train(cfg, model, d.prepare(cfg), StopSignal(), Report(cfg, False), metrics, [timer])
     finally:
         stop_scrape.set()
         if scraper:

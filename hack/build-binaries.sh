@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kubelet and the
-# real node's pause and fake-gpu-plugin programs from
+# Builds helm, actionlint, etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kueue,
+# kstatus, kubelet, the
+# real node's pause and fake-gpu-plugin programs and its CoreDNS from
 # the pinned wrapper modules in hack/build/*. Binaries land in a cache keyed by the
 # wrapper's go.mod+go.sum, so a rebuild happens only when a pinned version changes.
 # Prints the directory holding the binaries on its last line.
@@ -44,8 +45,10 @@ build_component() {  # name, output dir, packages... (MODULE: wrapper dir, defau
     exit "$rc"
   fi
   rm -f "$vlog"
-  # go names a module's main package after its last path element ("server" for etcd).
+  # go names a module's main package after its last path element ("server" for etcd,
+  # "dns" for our CoreDNS wrapper).
   [ -f "$tmp/server" ] && mv "$tmp/server" "$tmp/etcd"
+  [ -f "$tmp/dns" ] && mv "$tmp/dns" "$tmp/coredns"
   touch "$tmp/.complete"
   rm -rf "$out"; mv "$tmp" "$out"
   log "$name: built in $((SECONDS - start)) s"
@@ -61,8 +64,30 @@ version_flags() {
 }
 
 dirs=()
+# Helm, actionlint and kstatus (tests/static/test_chart.py, test_workflows.py,
+# tests/unit/test_kstatus.py). `build-binaries.sh tools` builds only these three: those checks
+# need no control plane.
+d="$cache_root/helm-$(key helm)"
+LDFLAGS_EXTRA="-X helm.sh/helm/v4/internal/version.version=$(awk '$1 == "helm.sh/helm/v4" {print $2}' "$here/build/helm/go.mod")" \
+  build_component helm "$d" helm.sh/helm/v4/cmd/helm
+dirs+=("$d")
+d="$cache_root/actionlint-$(key actionlint)"
+build_component actionlint "$d" github.com/rhysd/actionlint/cmd/actionlint; dirs+=("$d")
+# kstatus's status.Compute (sigs.k8s.io/cli-utils) behind a stdin/stdout wrapper: the tests
+# check the TrainingJob conditions against it (docs/CONTRACTS.md, "Conditions and kstatus").
+d="$cache_root/kstatus-$(key kstatus)"; build_component kstatus "$d" .; dirs+=("$d")
+if [ "${1:-}" = tools ]; then
+  bin="$cache_root/bin"; mkdir -p "$bin"
+  for d in "${dirs[@]}"; do for f in "$d"/*; do ln -sfn "$f" "$bin/$(basename "$f")"; done; done
+  echo "$bin"; exit 0
+fi
 d="$cache_root/etcd-$(key etcd)"; build_component etcd "$d" go.etcd.io/etcd/server/v3; dirs+=("$d")
 d="$cache_root/kwok-$(key kwok)"; build_component kwok "$d" sigs.k8s.io/kwok/cmd/kwok; dirs+=("$d")
+# Kueue's manager (hack/finetune_testbed/kueue.py: `make cluster-up KUEUE=1`,
+# tests/integration/test_kueue.py); FINETUNE_NO_KUEUE=1 skips it.
+if [ "${FINETUNE_NO_KUEUE:-0}" != 1 ]; then
+  d="$cache_root/kueue-$(key kueue)"; build_component kueue "$d" sigs.k8s.io/kueue/cmd/kueue; dirs+=("$d")
+fi
 d="$cache_root/k8s-$(key k8s)"
 LDFLAGS_EXTRA=$(version_flags) build_component k8s "$d" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
@@ -77,6 +102,10 @@ if [ "${FINETUNE_NO_KUBELET:-0}" != 1 ]; then
   # The sandbox's pause process and a device plugin advertising nvidia.com/gpu (our own code).
   d="$cache_root/node-$(key node)"
   build_component node "$d" ./cmd/fake-gpu-plugin ./cmd/pause
+  dirs+=("$d")
+  # The node's cluster DNS: CoreDNS v1.15 with only the plugins its Corefile uses.
+  d="$cache_root/coredns-$(key dns)"
+  MODULE=dns build_component coredns "$d" .
   dirs+=("$d")
 fi
 

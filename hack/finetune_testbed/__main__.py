@@ -1,5 +1,6 @@
 """`python -m finetune_testbed up|down|status|serve` — the local control plane for people,
-with `--real-node` (REAL_NODE=1) a real node too (finetune_testbed.realnode).
+with `--real-node` (REAL_NODE=1) a real node too (finetune_testbed.realnode), with `--kueue`
+(KUEUE=1) Kueue's manager (finetune_testbed.kueue).
 
 `up` starts a background server process that owns the components and prints the
 KUBECONFIG to use; `down` stops it (and with it every component)."""
@@ -49,8 +50,13 @@ def serve(args) -> int:
                                                          gpus_per_node=args.gpus))
     cluster.start()
     node = None
-    extra = {}
+    kueue = None
+    extra: dict = {}
     try:
+        if args.kueue:
+            from .kueue import MANAGED_LABEL, MANAGED_VALUE, Kueue
+            kueue = Kueue(cluster).start()
+            extra["kueue_namespace_label"] = f"{MANAGED_LABEL}={MANAGED_VALUE}"
         if args.real_node:
             from .realnode import RealNode
             # Beside the cluster's directory, not in it: the rmtree above must never meet
@@ -74,6 +80,8 @@ def serve(args) -> int:
     finally:
         if node is not None:
             node.stop()
+        if kueue is not None:
+            kueue.stop()
         cluster.stop()
         STATE_FILE.unlink(missing_ok=True)
     return 0
@@ -91,6 +99,7 @@ def up(args) -> int:
     server = subprocess.Popen([sys.executable, "-m", "finetune_testbed", "serve",
                                "--nodes", str(args.nodes), "--gpus", str(args.gpus),
                                *(["--real-node"] if args.real_node else []),
+                               *(["--kueue"] if args.kueue else []),
                                "--real-node-gpus", str(args.real_node_gpus)],
                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True)
@@ -111,6 +120,9 @@ def up(args) -> int:
         print(f"real node {state['real_node']} (kubelet + containerd, "
               f"{args.real_node_gpus} x nvidia.com/gpu) ready in "
               f"{state['real_node_startup_seconds']}s; logs in {state['real_node_logs']}",
+              file=sys.stderr)
+    if state.get("kueue_namespace_label"):
+        print(f"Kueue runs; it manages the pods of namespaces labelled {state['kueue_namespace_label']}",
               file=sys.stderr)
     print(f"export KUBECONFIG={state['kubeconfig']}")
     return 0
@@ -151,6 +163,9 @@ def main(argv=None) -> int:
         p.add_argument("--real-node", action="store_true",
                        default=os.environ.get("REAL_NODE", "0") not in ("", "0"),
                        help="also start the real node (kubelet + containerd; REAL_NODE=1)")
+        p.add_argument("--kueue", action="store_true",
+                       default=os.environ.get("KUEUE", "0") not in ("", "0"),
+                       help="also start Kueue with its pod integration (KUEUE=1)")
         p.add_argument("--real-node-gpus", type=int,
                        default=int(os.environ.get("REAL_NODE_GPUS", 2)))
         p.set_defaults(fn=fn)

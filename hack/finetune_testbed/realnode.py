@@ -16,6 +16,8 @@ Choices (docs/TESTBED.md, "The real node"):
   no masquerade and no route off the machine. The bridge's own address 10.244.0.1 is the
   node's InternalIP (the kubelet refuses loopback), so the API server reaches the kubelet
   and the operator scrapes pod IPs on this machine only.
+* Cluster DNS: CoreDNS on 10.244.0.1:53 serving cluster.local only (clusterdns.py), the
+  kubelet's clusterDNS, so pods resolve `<hostname>.<subdomain>` of a headless Service.
 * GPUs: bin/fake-gpu-plugin registers `nvidia.com/gpu` through the kubelet's device-plugin
   socket, the way NVIDIA's plugin does (the socket path is fixed by the kubelet:
   /var/lib/kubelet/device-plugins/kubelet.sock, hence one real node per machine).
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import yaml
 
+from .clusterdns import DOMAIN, start_coredns
 from .kuberaw import ApiError, Kube
 from .pki import REAL_NODE_IP, REAL_NODE_NAME
 from .procs import Proc, free_port, wait_for
@@ -167,6 +170,8 @@ class RealNode:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._bridge()
+            self.procs["coredns"] = start_coredns(self.cluster.bin_dir, self.workdir,
+                                                  self.log_dir, self.ip, self.cluster.kubeconfig)
             self._start_containerd()
             self._import_images()
             self._start_kubelet()
@@ -178,7 +183,7 @@ class RealNode:
             raise
         self.startup_seconds = time.monotonic() - t0
         say(f"node {self.name} Ready in {self.startup_seconds:.1f}s (containerd, kubelet, "
-            f"{self.gpus} x nvidia.com/gpu); logs in {self.log_dir}")
+            f"{self.gpus} x nvidia.com/gpu, CoreDNS); logs in {self.log_dir}")
         return self
 
     def _sweep_leftovers(self) -> None:
@@ -330,6 +335,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                                "x509": {"clientCAFile": str(p.ca_cert)}},
             "authorization": {"mode": "AlwaysAllow"},
             "resolvConf": "", "podLogsDir": str(self.workdir / "pod-logs"),
+            # ClusterFirst pods ask our CoreDNS, with `<ns>.svc.cluster.local` as search path.
+            "clusterDNS": [self.ip], "clusterDomain": DOMAIN,
             # This machine's disk is shared and often past the default thresholds: only a
             # truly full disk or memory may evict (tests inject evictions themselves).
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
@@ -407,7 +414,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     # ---- stop ----------------------------------------------------------------------------
     def stop(self) -> None:
         """Stops the node like a power-off and leaves nothing running or mounted."""
-        for name in ("fake-gpu-plugin", "kubelet"):
+        for name in ("fake-gpu-plugin", "kubelet", "coredns"):
             if name in self.procs:
                 self.procs[name].stop()
         if "containerd" in self.procs and self.procs["containerd"].running():

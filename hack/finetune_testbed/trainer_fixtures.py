@@ -41,6 +41,18 @@ def synthetic_sentences(n: int, seed: int = 0, min_words: int = 6, max_words: in
     ]
 
 
+# A small chat template (the tiny tokenizer has none of its own), so messages datasets are
+# rendered by the real apply_chat_template path: each assistant turn ends with the EOS token.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}System: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
 def build_tokenizer(directory: str, vocab_size: int = 1000, model_max_length: int = 128):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -68,6 +80,7 @@ def build_tokenizer(directory: str, vocab_size: int = 1000, model_max_length: in
         pad_token="<pad>",
         model_max_length=model_max_length,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return fast
 
@@ -109,8 +122,32 @@ def text_dataset(path: str, n: int = 400, seed: int = 2, field: str = "text") ->
     return write_jsonl(path, [{field: s} for s in synthetic_sentences(n, seed=seed)])
 
 
-def prompt_completion_dataset(path: str, n: int = 200, seed: int = 3) -> str:
+def prompt_completion_records(n: int = 200, seed: int = 3) -> list[dict]:
     sents = synthetic_sentences(2 * n, seed=seed)
-    return write_jsonl(
-        path, [{"prompt": sents[2 * i], "completion": sents[2 * i + 1]} for i in range(n)]
-    )
+    return [{"prompt": sents[2 * i], "completion": sents[2 * i + 1]} for i in range(n)]
+
+
+def prompt_completion_dataset(path: str, n: int = 200, seed: int = 3) -> str:
+    return write_jsonl(path, prompt_completion_records(n, seed))
+
+
+def messages_records(n: int = 100, seed: int = 4) -> list[dict]:
+    """Conversations: a system line, then two user/assistant exchanges."""
+    sents = synthetic_sentences(5 * n, seed=seed, max_words=10)
+    roles = ("system", "user", "assistant", "user", "assistant")
+    return [{"messages": [{"role": r, "content": sents[5 * i + j]} for j, r in enumerate(roles)]} for i in range(n)]
+
+
+def write_json(path: str, records: list[dict]) -> str:
+    """One JSON array (not JSON Lines)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(records, fh)
+    return path
+
+
+def write_parquet(path: str, records: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path

@@ -1,1 +1,4 @@
 """finetune_operator."""
+from .version import __version__
+
+__all__ = ["__version__"]

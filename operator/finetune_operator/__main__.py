@@ -23,6 +23,7 @@ from .leader import LeaderElector
 from .metrics import REGISTRY, FleetCollector
 from .preflight import PreflightError, preflight
 from .reconciler import Reconciler
+from .version import describe
 from .watch_gaps import keep_auditing
 
 log = logging.getLogger("finetune.operator")
@@ -130,6 +131,8 @@ async def _run_kopf(registry: kopf.OperatorRegistry, reconciler: Reconciler, cli
 
 
 async def run(cfg: OperatorConfig) -> int:
+    # First line of every replica's log, standby or leader: which build is running.
+    log.info("%s, leader election %s", describe(), "on" if cfg.leader_elect else "off")
     info = await login()
     client = KubeClient(info, connections=cfg.api_connections)
     health = HealthServer(client.state)

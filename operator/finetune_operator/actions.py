@@ -9,6 +9,7 @@ import datetime as dt
 import logging
 import uuid
 
+from .core import kueue
 from .kube import (
     GROUP,
     VERSION,
@@ -21,13 +22,15 @@ from .kube import (
     KubeClient,
     NotFound,
 )
+from .preflight import kueue_missing
 
 log = logging.getLogger("finetune.actions")
 
 
 class PodRejected(Exception):
     """The API server refused the pod: "rejected" (invalid, a spec problem no retry will
-    fix) or "forbidden" (admission: quota, PriorityClass, Pod Security; may clear later)."""
+    fix) or "forbidden" (admission: quota, PriorityClass, Pod Security; may clear later); or
+    "KueueNotInstalled": not sent, its queue's Kueue is missing (preflight.kueue_missing)."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
@@ -49,6 +52,10 @@ async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
     """Returns 'created', 'adopted' (ours already: a retry after a crash or a slow watch),
     'conflict' (a pod by that name that this job does not control) or
     'namespace-terminating'."""
+    if kueue.LABEL_QUEUE_NAME in (pod["metadata"].get("labels") or {}):
+        missing = await kueue_missing(client)
+        if missing is not None:
+            raise PodRejected(kueue.NOT_INSTALLED, missing)
     try:
         await client.create(client.pod_path(namespace), pod)
         return "created"
@@ -65,6 +72,19 @@ async def create_pod(client: KubeClient, namespace: str, pod: dict) -> str:
         raise PodRejected("forbidden", exc.message) from None
     except (BadRequest, Invalid) as exc:
         raise PodRejected("rejected", exc.message) from None
+
+
+async def create_service(client: KubeClient, namespace: str, service: dict) -> str:
+    """'created', 'exists' (ours already) or 'conflict' (someone else's Service by that name)."""
+    path = f"/api/v1/namespaces/{namespace}/services"
+    try:
+        await client.create(path, service)
+        return "created"
+    except AlreadyExists:
+        existing = await client.get(f"{path}/{service['metadata']['name']}")
+        ours = service["metadata"]["ownerReferences"][0]["uid"]
+        refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+        return "exists" if any(r.get("controller") and r.get("uid") == ours for r in refs) else "conflict"
 
 
 async def delete_pod(client: KubeClient, namespace: str, name: str, uid: str | None = None,

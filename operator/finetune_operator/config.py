@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from .version import describe
+
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> OperatorConfig:
     d = OperatorConfig()
     p = argparse.ArgumentParser(prog="finetune-operator",
                                 description="Kubernetes operator for TrainingJob resources.")
+    p.add_argument("--version", action="version", version=describe())
     p.add_argument("--namespace", action="append", dest="namespaces",
                    help="watch only this namespace (repeatable); default: all namespaces")
     p.add_argument("--metrics-port", type=int, default=_env("metrics_port", d.metrics_port))

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
+
+from .version import PYTHON_VERSION, __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 P = "finetune_operator_"
@@ -50,6 +52,10 @@ for _trigger in ("job", "pod", "timer"):
     RECONCILE_ERRORS.labels(_trigger)  # exported at 0 so the first error is an increase
 API_READY = Gauge(P + "api_ready", "1 when the last Kubernetes API call succeeded.",
                   registry=REGISTRY)
+# prometheus_client's Info: exposed as the gauge finetune_operator_build_info{version,python} 1.
+BUILD_INFO = Info(P + "build", "The operator's version (operator/pyproject.toml) and Python version.",
+                  registry=REGISTRY)
+BUILD_INFO.info({"version": __version__, "python": PYTHON_VERSION})
 
 
 class FleetCollector:

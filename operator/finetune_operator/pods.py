@@ -9,19 +9,26 @@ import finetune_contract as contract
 
 from . import storage
 from .api.models import (
+    ANNOTATION_GANG_SIZE,
     API_VERSION,
     KIND,
     LABEL_ATTEMPT,
     LABEL_JOB_NAME,
     LABEL_MANAGED_BY,
+    LABEL_POD_GROUP,
+    LABEL_RANK,
     MANAGED_BY,
     METRICS_PORT,
     TRAINER_CONTAINER,
     TrainingJobSpec,
 )
+from .core import kueue, pod_name
 
 TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
 CHECKPOINT_VOLUME = "checkpoints"
+# NCCL moves data between a node's GPUs through /dev/shm; the runtime's default is 64 MiB.
+SHM_VOLUME = "dshm"
+SHM_PATH = "/dev/shm"
 TERMINATION_MESSAGE_PATH = contract.DEFAULT_TERMINATION_LOG
 RUN_AS_USER = 1000
 
@@ -41,12 +48,50 @@ DEFAULT_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
-def pod_name(job_name: str, attempt: int) -> str:
-    return f"{job_name}-{attempt}"
+def pod_labels(job_name: str, attempt: int, rank: int = 0, workers: int = 1) -> dict[str, str]:
+    labels = {LABEL_JOB_NAME: job_name, LABEL_ATTEMPT: str(attempt), LABEL_MANAGED_BY: MANAGED_BY}
+    if workers > 1:
+        labels |= {LABEL_RANK: str(rank), LABEL_POD_GROUP: f"{job_name}-{attempt}"}
+    return labels
 
 
-def pod_labels(job_name: str, attempt: int) -> dict[str, str]:
-    return {LABEL_JOB_NAME: job_name, LABEL_ATTEMPT: str(attempt), LABEL_MANAGED_BY: MANAGED_BY}
+def rank_hostname(rank: int) -> str:
+    """The pod's hostname in the job's headless Service: rank-<r>.<job> resolves to it."""
+    return f"rank-{rank}"
+
+
+def gang_env(job_name: str, spec: TrainingJobSpec, rank: int) -> dict[str, str]:
+    """torchrun's rendezvous for one rank: rank 0's TCP store, found through the Service."""
+    if spec.workers == 1:
+        return {}
+    return contract.gang_env(spec.workers, rank, f"{rank_hostname(0)}.{job_name}")
+
+
+def build_service(job_name: str, namespace: str, uid: str) -> dict[str, Any]:
+    """The headless Service that gives a gang's pods their DNS names. It selects every attempt's
+    pods; only one attempt is ever live. publishNotReadyAddresses: the ranks look each other up
+    while starting, before any is Ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": job_name,
+            "namespace": namespace,
+            "labels": {LABEL_JOB_NAME: job_name, LABEL_MANAGED_BY: MANAGED_BY},
+            "ownerReferences": [_owner(job_name, uid)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB_NAME: job_name, LABEL_MANAGED_BY: MANAGED_BY},
+            "ports": [{"name": "rendezvous", "port": contract.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def _owner(job_name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": job_name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
 
 
 def _resources(spec: TrainingJobSpec) -> dict[str, Any]:
@@ -95,6 +140,10 @@ def _volumes(spec: TrainingJobSpec, job_dir: str) -> tuple[list[dict[str, Any]],
     if template is not None:
         volumes += [copy.deepcopy(v) for v in template.volumes or []]
         mounts += [m.model_dump(exclude_none=True) for m in template.volume_mounts or []]
+    # A template that brings its own /dev/shm (or a volume by our name) keeps it.
+    if not any(m["mountPath"] == SHM_PATH for m in mounts) and not any(v.get("name") == SHM_VOLUME for v in volumes):
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": SHM_VOLUME, "mountPath": SHM_PATH})
     return volumes, mounts
 
 
@@ -110,19 +159,26 @@ def build_pod(
     attempt: int,
     *,
     trainer_env: dict[str, str],
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """The pod manifest for attempt `attempt` of job `job_name` (owner uid `uid`)."""
+    """The manifest of rank `rank`'s pod in attempt `attempt` of job `job_name` (owner uid `uid`)."""
     template = spec.template
     template_meta = template.metadata if template is not None and template.metadata is not None else None
-    labels = {**(template_meta.labels if template_meta else {}), **pod_labels(job_name, attempt)}
+    labels = {**(template_meta.labels if template_meta else {}), **pod_labels(job_name, attempt, rank, spec.workers)}
     annotations = dict(template_meta.annotations) if template_meta else {}
+    if spec.workers > 1:
+        annotations[ANNOTATION_GANG_SIZE] = str(spec.workers)
+    # Kueue's plain-pod integration (docs/CONTRACTS.md, "Queueing with Kueue"); ours win over the template's.
+    group = kueue.pod_group(job_name, attempt)
+    labels |= kueue.pod_labels(spec.queue_name, spec.workload_priority_class_name, group, spec.workers)
+    annotations |= kueue.pod_annotations(spec.queue_name, spec.workers)
     volumes, mounts = _volumes(spec, storage.job_directory(namespace, job_name, uid))
 
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": spec.image,
         "command": list(TRAINER_COMMAND),
-        "env": _env(trainer_env, spec),
+        "env": _env({**trainer_env, **gang_env(job_name, spec, rank)}, spec),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "resources": _resources(spec),
         "volumeMounts": mounts,
@@ -156,20 +212,13 @@ def build_pod(
         }
         pod_spec.update({key: copy.deepcopy(value) for key, value in optional.items() if value})
 
+    if spec.workers > 1:
+        pod_spec |= {"hostname": rank_hostname(rank), "subdomain": job_name}
     metadata: dict[str, Any] = {
-        "name": pod_name(job_name, attempt),
+        "name": pod_name(job_name, attempt, rank, spec.workers),
         "namespace": namespace,
         "labels": labels,
-        "ownerReferences": [
-            {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": job_name,
-                "uid": uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
+        "ownerReferences": [_owner(job_name, uid)],
     }
     if annotations:
         metadata["annotations"] = annotations

@@ -3,6 +3,7 @@ Each failure names the missing piece and how to fix it."""
 from __future__ import annotations
 
 from .config import OperatorConfig
+from .core import kueue
 from .kube import GROUP, PLURAL, VERSION, ApiError, Forbidden, KubeClient, NotFound
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -21,6 +22,21 @@ LEASES = [("get", "coordination.k8s.io", "leases", ""), ("create", "coordination
 
 class PreflightError(Exception):
     pass
+
+
+async def kueue_missing(client: KubeClient) -> str | None:
+    """Why a pod with Kueue's queue label must not be created now, or None. Asked before each
+    such create (not once at start-up), so installing Kueue later needs no restart. A pod
+    created without Kueue would run at once, bypassing the queue's quota. Not being allowed
+    to read the CRD (RBAC without the rule) is no answer: the pod is created."""
+    try:
+        await client.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{kueue.LOCALQUEUE_CRD}")
+    except NotFound:
+        return (f"spec.queueName is set but Kueue is not installed: the CustomResourceDefinition "
+                f"{kueue.LOCALQUEUE_CRD} does not exist")
+    except Forbidden:
+        return None
+    return None
 
 
 async def preflight(client: KubeClient, cfg: OperatorConfig) -> None:

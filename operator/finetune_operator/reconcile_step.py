@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -17,6 +17,7 @@ from .api import status_to_dict
 from .config import OperatorConfig
 from .core import (
     CreatePod,
+    CreateService,
     Decision,
     DeleteJob,
     DeletePod,
@@ -26,13 +27,15 @@ from .core import (
     ProgressSample,
     UnreadyNodes,
     decide,
+    kueue,
     observe_job,
     parse_time,
     status_changed_materially,
 )
+from .core.gang import STUCK_TERMINATING, STUCK_TERMINATING_SECONDS
 from .job_metrics import record_status_change
 from .kube import Conflict, KubeClient, NotFound
-from .pods import build_pod
+from .pods import build_pod, build_service
 from .trainer_env import trainer_env
 
 log = logging.getLogger("finetune.reconcile")
@@ -56,6 +59,9 @@ class Writer(Protocol):
     async def create_pod(self, namespace: str, pod: dict) -> str:
         """'created', 'adopted', 'conflict' or 'namespace-terminating' (actions.create_pod).
         Raises actions.PodRejected when the API server refuses the pod."""
+
+    async def create_service(self, namespace: str, service: dict) -> str:
+        """'created', 'exists' or 'conflict' (actions.create_service)."""
 
     async def delete_pod(self, namespace: str, name: str, uid: str | None, grace_seconds: int | None) -> None: ...
 
@@ -82,6 +88,9 @@ class KubeWriter:
     async def create_pod(self, namespace: str, pod: dict) -> str:
         return await actions.create_pod(self.client, namespace, pod)
 
+    async def create_service(self, namespace: str, service: dict) -> str:
+        return await actions.create_service(self.client, namespace, service)
+
     async def delete_pod(self, namespace: str, name: str, uid: str | None, grace_seconds: int | None) -> None:
         await actions.delete_pod(self.client, namespace, name, uid, grace_seconds)
 
@@ -106,6 +115,8 @@ class Inputs:
     sample: ProgressSample | None = None
     last_status_write: float = 0.0  # monotonic; progress-only writes are rate-limited from it
     pod_change_since: float | None = None  # monotonic; the oldest pod change this reconcile answers
+    # Reads Kueue's reason for a gated attempt (kueue_workloads.py); None: never asked.
+    queue_message: Callable[[str, kueue.WorkloadRef], Awaitable[str | None]] | None = None
 
 
 @dataclass
@@ -116,6 +127,23 @@ class Outcome:
 
 def _ignore(_job: dict | None) -> None:
     return None
+
+
+class _QueueMessage:
+    """Kueue's reason for the current attempt, read at most once per reconcile and only while
+    Kueue's admission gate holds the attempt's pods (docs/CONTRACTS.md, "Queueing with Kueue")."""
+
+    def __init__(self, read: Callable[[str, kueue.WorkloadRef], Awaitable[str | None]] | None):
+        self.read, self.asked = read, False
+        self.message: str | None = None
+
+    async def add_to(self, obs: Observation) -> Observation:
+        if not self.asked and self.read is not None:
+            ref = kueue.queued_workload(obs)
+            if ref is None:
+                return obs
+            self.asked, self.message = True, await self.read(obs.namespace, ref)
+        return replace(obs, queue_message=self.message) if self.message else obs
 
 
 class ReconcileStep:
@@ -139,8 +167,9 @@ class ReconcileStep:
         out = Outcome()
         last_write = inputs.last_status_write
         create_error: tuple[str, str] | None = None
+        queue = _QueueMessage(inputs.queue_message)
         for _ in range(MAX_PASSES):
-            obs = self.observe(job, inputs, create_error)
+            obs = await queue.add_to(self.observe(job, inputs, create_error))
             decision = decide(obs)
             new_status = status_to_dict(decision.status)
             if new_status != (job.get("status") or {}) and self._write_due(job, obs, decision, last_write):
@@ -185,7 +214,8 @@ class ReconcileStep:
             if isinstance(action, CreatePod):
                 if obs.spec is None:
                     continue
-                pod = build_pod(name, ns, obs.uid, obs.spec, action.attempt, trainer_env=trainer_env(obs.spec))
+                pod = build_pod(name, ns, obs.uid, obs.spec, action.attempt, trainer_env=trainer_env(obs.spec),
+                                rank=action.rank)
                 pod_name = pod["metadata"]["name"]
                 try:
                     outcome = await self.writer.create_pod(ns, pod)
@@ -197,12 +227,21 @@ class ReconcileStep:
                     metrics.ATTEMPTS.labels(ns).inc()
                 if outcome == "conflict":
                     log.warning("%s/%s: pod %s exists but is not controlled by this job", ns, name, pod_name)
-                    refused = ("conflict", "no ownerReference to this TrainingJob")
+                    refused = ("conflict", f"{pod_name} has no ownerReference to this TrainingJob")
                 else:
                     log.info("%s/%s: pod %s %s", ns, name, pod_name, outcome)
+            elif isinstance(action, CreateService):
+                outcome = await self.writer.create_service(ns, build_service(name, ns, obs.uid))
+                if outcome == "conflict":
+                    log.warning("%s/%s: Service %s exists but is not controlled by this job", ns, name, name)
+                    refused = ("service-conflict", f"Service {name}")
             elif isinstance(action, DeletePod):
                 await self.writer.delete_pod(ns, action.name, action.uid, action.grace_seconds)
                 log.info("%s/%s: deleting pod %s (%s)", ns, name, action.name, action.reason)
+                if action.reason == STUCK_TERMINATING:
+                    await self.writer.record_event(job, "Warning", STUCK_TERMINATING, (
+                        f"pod {action.name} was still terminating {STUCK_TERMINATING_SECONDS}s after its grace "
+                        "period ended; force-deleted it so the next attempt can start"))
             elif isinstance(action, Event):
                 await self.writer.record_event(job, action.type, action.reason, action.message)
             elif isinstance(action, DeleteJob):

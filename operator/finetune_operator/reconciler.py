@@ -18,10 +18,11 @@ from typing import Any
 from . import metrics
 from .api import TrainingJobStatus, parse_status
 from .config import OperatorConfig
-from .core import PodObservation, ProgressSample, UnreadyNodes, counts_for, parse_time
+from .core import PodObservation, ProgressSample, UnreadyNodes, counts_for, kueue, parse_time, pod_name
 from .job_metrics import fleet_row
 from .kube import TRANSPORT_ERRORS, ApiError, KubeClient
 from .kube import resource_version as _rv
+from .kueue_workloads import queue_message
 from .progress import ProgressReader
 from .reconcile_step import Inputs, KubeWriter, ReconcileStep, Writer, utcnow
 
@@ -63,6 +64,7 @@ class Reconciler:
     def __init__(self, client: KubeClient, config: OperatorConfig,
                  progress_reader: ProgressReader | None = None, writer: Writer | None = None):
         self.config = config
+        self.client = client
         self.progress = progress_reader or ProgressReader(config.progress_timeout)
         self.step = ReconcileStep(writer or KubeWriter(client), config)
         self.jobs: dict[Key, dict] = {}
@@ -212,7 +214,10 @@ class Reconciler:
         if status.phase == "Running":
             uid = job["metadata"].get("uid") or ""
             pods = [p for p in self.pods_of(key) if counts_for(p, uid)]
-            sample = await self.progress.scrape(pods, f"{key[1]}-{status.attempt}")
+            workers = (job.get("spec") or {}).get("workers", 1)
+            workers = workers if isinstance(workers, int) else 1
+            # Global rank 0 (metrics, checkpoints) runs in the pod of rank 0.
+            sample = await self.progress.scrape(pods, pod_name(key[1], status.attempt, 0, workers))
             # Keep the last answer when a read fails: a trainer that answered before and
             # stopped answering (frozen, SIGSTOPped) must not reset the stall clock, while
             # one that never answered stays "unknown" (None), never a stall.
@@ -232,12 +237,16 @@ class Reconciler:
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
         inputs = Inputs(pods=lambda: self.pods_of(key), unready_nodes=self._unready_nodes, sample=st.sample,
-                        last_status_write=st.last_progress_write, pod_change_since=pod_change_since)
+                        last_status_write=st.last_progress_write, pod_change_since=pod_change_since,
+                        queue_message=self._queue_message)
         out = await self.step.run(job, inputs, trigger=trigger, remember=lambda body: self._remember(key, body))
         if out.status_written_at is not None:
             st.last_progress_write = out.status_written_at
         if out.requeue_after is not None:
             self._schedule(key, max(0.2, float(out.requeue_after)))
+
+    async def _queue_message(self, namespace: str, ref: kueue.WorkloadRef) -> str | None:
+        return await queue_message(self.client, namespace, ref) if self.client is not None else None
 
     def _remember(self, key: Key, job: dict | None) -> None:
         if job is None:

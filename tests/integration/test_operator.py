@@ -165,11 +165,11 @@ def test_operator_killed_mid_run_keeps_truth_and_no_duplicate(jobs, live_operato
 
 
 def test_invalid_manifest_rejected_by_kubectl_with_cel_message(cluster, namespace, crd):
-    bad = job_manifest("toowide", workers=2)
+    bad = job_manifest("too.wide", workers=2)  # a gang names its Service after the job: a DNS label
     res = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
     assert res.returncode != 0
-    assert "multi-node training (workers > 1) is not supported yet" in res.stderr
-    assert cluster.kubectl("get", "tj", "toowide", "-n", namespace, check=False).returncode != 0
+    assert "with spec.workers > 1, metadata.name must be a DNS label" in res.stderr
+    assert cluster.kubectl("get", "tj", "too.wide", "-n", namespace, check=False).returncode != 0
 
 
 def test_privileged_template_refused_with_condition(jobs):

@@ -238,7 +238,7 @@ def base_manifest(name: str) -> dict:
 )
 @given(mutations=st.lists(mutation(), min_size=1, max_size=2))
 @example(mutations=[("set", ("image",), "   ")])  # CRD: size > 0; pydantic: blank
-@example(mutations=[("set", ("workers",), 2)])  # CEL rule
+@example(mutations=[("set", ("workers",), 1025)])  # schema maximum
 @example(mutations=[("set", ("bogus",), 1)])  # unknown field
 @example(mutations=[("set", ("lora", "r"), "eight")])  # wrong type
 @example(mutations=[("set", ("resources", "gpus"), 9)])  # valid, unschedulable

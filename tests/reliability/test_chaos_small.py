@@ -1,4 +1,4 @@
-"""`make chaos` in small: 20 jobs, 40 s of random faults (operator kills and pauses, pod
+"""`make chaos` in small: 20 jobs (every third a 2-pod gang), 40 s of random faults (operator kills and pauses, pod
 deletions and evictions, drains, node deletion and NotReady, exit-code failures, one API
 server + etcd crash), then the invariants of finetune_testbed.chaos: zero violations.
 
@@ -34,6 +34,9 @@ def test_chaos_small_has_no_invariant_violations(tmp_path):
     assert report["faults"].get("apiserver_etcd_restart") == 1, report["faults"]
     assert len(report["faults"]) >= 5, report["faults"]
     assert sum(report["phases"].values()) == 20, report["phases"]
+    # multi-node jobs too, and some of their attempts ended (judged for ranks left running)
+    assert report["gang_jobs"] >= 5 and report["gang_attempts_concluded"] >= 1, \
+        {k: report[k] for k in ("gang_jobs", "gang_attempts_concluded")}
     assert report["settled"], report["violations"]
     assert report["violations"] == [], "\n".join(report["violations"] + report["details"]) + \
         f"\n(seed {report['seed']}; logs in {tmp_path / 'logs'})"

@@ -41,6 +41,7 @@ def test_base_renders_the_expected_objects(base_objects):
         ("Service", "finetune-operator"),
         ("PodDisruptionBudget", "finetune-operator"),
         ("NetworkPolicy", "finetune-operator"),
+        ("Lease", "finetune-operator-leader"),  # empty: deleting the manifests deletes it
     ])
 
 

@@ -21,13 +21,17 @@ EXPECTED_OPERATOR_GRANTS = {
     ),
     *(("finetune-operator", "finetune.dev", "trainingjobs/status", v, "") for v in ("get", "patch", "update")),
     *(("finetune-operator", "", "pods", v, "") for v in ("get", "list", "watch", "create", "delete")),
+    *(("finetune-operator", "", "services", v, "") for v in ("get", "create")),
     *(("finetune-operator", "", "events", v, "") for v in ("create", "patch")),
     *(("finetune-operator", "events.k8s.io", "events", v, "") for v in ("create", "patch")),
+    *(("finetune-operator", "kueue.x-k8s.io", "workloads", v, "") for v in ("get", "list")),
     *(("finetune-operator-cluster", "", "nodes", v, "") for v in ("get", "list", "watch")),
     *(
         ("finetune-operator-cluster", "apiextensions.k8s.io", "customresourcedefinitions", v, CRD_NAME)
         for v in ("get", "list", "watch")
     ),
+    ("finetune-operator-cluster", "apiextensions.k8s.io", "customresourcedefinitions", "get",
+     "localqueues.kueue.x-k8s.io"),
     *(("finetune-operator-leader-election", "coordination.k8s.io", "leases", v, LEASE_NAME) for v in ("get", "update")),
     ("finetune-operator-leader-election", "coordination.k8s.io", "leases", "create", ""),
 }

@@ -41,6 +41,15 @@ def test_full_round_trip_and_env_names():
         text_field="body",
         prompt_field="q",
         completion_field="a",
+        dataset_format="prompt-completion",
+        messages_field="conv",
+        training_arguments={"warmup_ratio": 0.03, "lr_scheduler_type": "cosine", "report_to": ["tensorboard"]},
+        merge=True,
+        eval_dataset="/data/eval.jsonl",
+        eval_steps=50,
+        method="qlora",
+        precision="bf16",
+        gradient_checkpointing=True,
         output_dir="/checkpoints/out",
         checkpoint_dir="/checkpoints",
         save_steps=25,
@@ -68,6 +77,8 @@ def test_full_round_trip_and_env_names():
     assert env["FT_LEARNING_RATE"] == "0.0001"
     contract_names = {
         "FT_MODEL", "FT_DATASET", "FT_TEXT_FIELD", "FT_PROMPT_FIELD", "FT_COMPLETION_FIELD",
+        "FT_DATASET_FORMAT", "FT_MESSAGES_FIELD", "FT_TRAINING_ARGUMENTS", "FT_MERGE", "FT_METHOD", "FT_PRECISION",
+        "FT_GRADIENT_CHECKPOINTING", "FT_EVAL_DATASET", "FT_EVAL_STEPS",
         "FT_OUTPUT_DIR", "FT_CHECKPOINT_DIR", "FT_SAVE_STEPS", "FT_SAVE_TOTAL_LIMIT", "FT_MAX_STEPS",
         "FT_EPOCHS", "FT_LEARNING_RATE", "FT_BATCH_SIZE", "FT_GRAD_ACCUM", "FT_SEQ_LEN", "FT_SEED",
         "FT_LORA_R", "FT_LORA_ALPHA", "FT_LORA_DROPOUT", "FT_LORA_TARGET_MODULES", "FT_METRICS_PORT",
@@ -79,6 +90,7 @@ def test_full_round_trip_and_env_names():
     assert back == cfg
     assert back.lora_target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert back.problems() == []
+    assert (env["FT_MERGE"], env["FT_GRADIENT_CHECKPOINTING"]) == ("true", "true")
 
 
 def test_none_fields_are_left_out_and_empty_env_means_default():
@@ -111,6 +123,89 @@ def test_problems():
     text = " | ".join(cfg.problems())
     for needle in ("no model", "FT_BATCH_SIZE must be >= 1", "FT_LORA_DROPOUT", "FT_COMPLETION_FIELD", "FT_MAX_STEPS"):
         assert needle in text
+
+
+def test_dataset_format_from_the_spec_reaches_the_trainer():
+    from pydantic import ValidationError
+
+    from finetune_operator.api import TrainingJobSpec
+    from finetune_operator.trainer_env import trainer_env
+
+    base = {"image": "i", "model": "/m", "hyperparameters": {"maxSteps": 1}}
+    chat = {"path": "/d", "format": "messages", "messagesField": "conv"}
+    spec = TrainingJobSpec.model_validate({**base, "dataset": chat})
+    cfg = c.TrainerConfig.from_env(trainer_env(spec))
+    assert (cfg.dataset_format, cfg.messages_field) == ("messages", "conv")
+    unset = c.TrainerConfig.from_env(trainer_env(TrainingJobSpec.model_validate({**base, "dataset": {"path": "/d"}})))
+    assert (unset.dataset_format, unset.messages_field) == (None, "messages")  # inferred by the trainer
+    bad = {"path": "/d", "format": "text", "promptField": "q", "completionField": "a"}
+    with pytest.raises(ValidationError, match="need format prompt-completion"):
+        TrainingJobSpec.model_validate({**base, "dataset": bad})
+    problems = c.TrainerConfig(model="m", dataset="d", dataset_format="chat").problems()
+    assert "FT_DATASET_FORMAT must be one of" in " ".join(problems)
+
+
+def test_training_arguments_owned_keys_are_refused_at_apply_and_by_the_trainer():
+    from pydantic import ValidationError
+
+    from finetune_operator.api import TrainingJobSpec
+    from finetune_operator.trainer_env import trainer_env
+
+    base = {"image": "i", "model": "/m", "dataset": {"path": "/d"}, "hyperparameters": {"maxSteps": 1}}
+    spec = TrainingJobSpec.model_validate({**base, "trainingArguments": {"weight_decay": 0.1, "optim": "adamw_torch"}})
+    cfg = c.TrainerConfig.from_env(trainer_env(spec))
+    assert cfg.training_arguments == {"weight_decay": 0.1, "optim": "adamw_torch"}
+    assert cfg.problems() == []
+    for key in ("output_dir", "save_steps", "per_device_train_batch_size", "resume_from_checkpoint", "logging_dir"):
+        assert key in c.OWNED_TRAINING_ARGUMENTS
+        with pytest.raises(ValidationError, match=f"trainingArguments.{key} is set by"):
+            TrainingJobSpec.model_validate({**base, "trainingArguments": {key: 1}})
+        owned = c.TrainerConfig(model="m", dataset="d", training_arguments={key: 1})
+        assert any(f"trainingArguments.{key} is set by" in p for p in owned.problems())
+    with pytest.raises(c.ConfigError, match="FT_TRAINING_ARGUMENTS must be a JSON object"):
+        c.TrainerConfig.from_env({"FT_TRAINING_ARGUMENTS": "[1]"})
+
+
+def test_help_documents_every_option_with_type_default_and_variable():
+    """`python -m finetune_trainer --help`: one option per contract field, each with its help text,
+    type, FT_* variable and default; no termination message written, exit 0."""
+    import dataclasses
+    import os
+    import re
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", "--help"], env={**env, "COLUMNS": "1000"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  --([a-z-]+) \S+\s+(.*)$", done.stdout, re.M)}
+    fields = dataclasses.fields(c.TrainerConfig)
+    assert set(lines) == {f.name.replace("_", "-") for f in fields}
+    for f in fields:
+        text = lines[f.name.replace("_", "-")]
+        assert f.metadata["help"] in text
+        assert f"[{c.field_type(f.name)}; env {f.metadata['env']}; default: {c.field_default(f.name)}]" in text
+    assert "default: 100]" in lines["save-steps"] and "default: q_proj,v_proj]" in lines["lora-target-modules"]
+    assert "[JSON; env FT_TRAINING_ARGUMENTS; default: unset]" in lines["training-arguments"]
+    assert "78 bad configuration" in done.stdout
+
+
+def test_memory_and_output_settings_from_the_spec_reach_the_trainer():
+    from finetune_operator.api import TrainingJobSpec
+    from finetune_operator.trainer_env import trainer_env
+
+    base = {"image": "i", "model": "/m", "dataset": {"path": "/d"}}
+    spec = TrainingJobSpec.model_validate({
+        **base, "method": "QLoRA", "output": {"merge": True},
+        "hyperparameters": {"maxSteps": 1, "precision": "bf16", "gradientCheckpointing": True},
+    })  # fmt: skip
+    cfg = c.TrainerConfig.from_env(trainer_env(spec))
+    assert (cfg.method, cfg.precision, cfg.gradient_checkpointing, cfg.merge) == ("qlora", "bf16", True, True)
+    plain = TrainingJobSpec.model_validate({**base, "hyperparameters": {"epochs": 1}})
+    default = c.TrainerConfig.from_env(trainer_env(plain))
+    assert (default.method, default.precision, default.gradient_checkpointing) == ("lora", "auto", False)
+    assert not default.merge
 
 
 def test_cli_overrides_env():

@@ -159,7 +159,7 @@ def test_sigterm_before_training_exits_143_quickly(tmp_path, tiny_model, text_da
     msg = run.termination()
     assert msg["outcome"] == "preempted" and "before training started" in msg["message"]
     assert (msg["step"], msg["checkpointStep"]) == (10, 10)
-    assert sorted(p.name for p in ckdir.iterdir()) == ["checkpoint-10"]
+    assert sorted(p.name for p in ckdir.iterdir()) == ["checkpoint-10", c.WORK_SUBDIR]
 
 
 def test_half_written_checkpoint_is_ignored_and_reported(tmp_path, tiny_model, text_data, reference_run):
@@ -290,14 +290,15 @@ def test_prompt_completion_dataset(tmp_path, tiny_model, pc_data):
     # loss only on the completion: the prompt's labels are masked
     from transformers import AutoTokenizer
 
-    from finetune_trainer.data import IGNORE_INDEX, tokenize_examples
+    from finetune_trainer.data import IGNORE_INDEX
+    from finetune_trainer.features import pair_features
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    (feat,) = tokenize_examples(tok, [("the model learns", "from data")], seq_len=64)
-    n_prompt = feat["labels"].index(next(x for x in feat["labels"] if x != IGNORE_INDEX))
-    assert n_prompt > 0 and feat["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert feat["labels"][n_prompt:] == feat["input_ids"][n_prompt:]
-    assert feat["input_ids"][-1] == tok.eos_token_id
+    (ids,), (labels,) = pair_features(tok, ["the model learns"], ["from data"], seq_len=64)
+    n_prompt = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+    assert n_prompt > 0 and labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eos_token_id
 
 
 def test_torchrun_two_processes_trains_and_checkpoints_once(trainer_env):
@@ -306,11 +307,12 @@ def test_torchrun_two_processes_trains_and_checkpoints_once(trainer_env):
     assert run.wait(240) == 0, run.output()[-4000:]
     out = run.output()
     assert "launching torchrun" in out and "world_size=2" in out
-    assert [p.name for p in run.ckpt_dir.iterdir()] == ["checkpoint-4"]
+    assert sorted(p.name for p in run.ckpt_dir.iterdir()) == ["checkpoint-4", c.WORK_SUBDIR]
     ckpt = run.ckpt_dir / "checkpoint-4"
     assert _complete(ckpt)
     assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
     assert out.count("checkpoint saved:") == 1  # rank 0 only
+    assert out.count("tokenized 400 of 400 records") == 1  # rank 0 tokenized, rank 1 read its cache
     assert sorted(run.losses()) == [1, 2, 3, 4] and len(run.losses()) == out.count(" loss=")
     assert (run.out_dir / "adapter_model.safetensors").is_file()
     msg = run.termination()

@@ -80,7 +80,9 @@ def test_outcomes_map_to_exit_codes_and_model_path_is_absolute(setup, monkeypatc
     install(train)
     monkeypatch.chdir(tmp_path)
     assert worker.run(cfg.replace(model="model")) == 0  # relative path resolved (docs/TRAINER.md pitfall 4)
-    assert seen["model_path"] == str(tmp_path / "model") and seen["examples"] == ["hello world"]
+    assert seen["model_path"] == str(tmp_path / "model")
+    prepared = seen["examples"]  # rank 0 read the dataset with HF datasets before training
+    assert (prepared.format, prepared.columns, prepared.records["text"]) == ("text", ("text",), ["hello world"])
     assert message()["outcome"] == "completed"
 
     def preempt(cfg, model_path, examples, stopper, report, metrics):

@@ -120,7 +120,7 @@ class TrainerRun:
         return msg
 
     def metrics_port(self) -> int | None:
-        p = self.out_dir / c.METRICS_PORT_FILE
+        p = self.ckpt_dir / c.WORK_SUBDIR / c.METRICS_PORT_FILE
         try:
             return int(p.read_text().strip())
         except (OSError, ValueError):

@@ -8,12 +8,15 @@ import time
 import pytest
 
 from finetune_testbed.chaos.invariants import (
+    PodSpan,
     all_resting,
     at_rest,
+    attempt_overlaps,
     consistency_problems,
     event_problems,
     inconsistent_jobs,
     job_violations,
+    lingering_gang_problems,
     nonzero_attempts,
     operator_tracebacks,
     outcome_problems,
@@ -24,18 +27,24 @@ from finetune_testbed.chaos.invariants import (
 from finetune_testbed.chaos.plans import JobPlan
 
 
-def job(name="j", phase="Running", attempt=1, failures=0, resumes=0, restarts=None, reason=None, uid="u1"):
+def job(name="j", phase="Running", attempt=1, failures=0, resumes=0, restarts=None, reason=None, uid="u1",
+        workers=None):
     status = {"phase": phase, "attempt": attempt, "failures": failures, "resumes": resumes,
               "restarts": failures + resumes if restarts is None else restarts}
     if reason:
         status["reason"] = reason
-    return {"metadata": {"name": name, "uid": uid}, "status": status}
+    out = {"metadata": {"name": name, "uid": uid}, "status": status}
+    if workers is not None:
+        out["spec"] = {"workers": workers}
+    return out
 
 
 def pod(job_name="j", attempt=1, phase="Running", exit_code=None, deleting=False, evicted=False,
-        started=None):
-    meta = {"name": f"{job_name}-{attempt}",
+        started=None, rank=None):
+    meta = {"name": f"{job_name}-{attempt}" if rank is None else f"{job_name}-{attempt}-{rank}",
             "labels": {"finetune.dev/job-name": job_name, "finetune.dev/attempt": str(attempt)}}
+    if rank is not None:
+        meta["labels"]["finetune.dev/rank"] = str(rank)
     if deleting:
         meta["deletionTimestamp"] = "2024-01-01T00:00:00Z"
     status: dict = {"phase": phase}
@@ -168,6 +177,15 @@ def test_an_attempt_that_exited_nonzero_must_be_counted():
         "failures 0 < attempts whose pods exited non-zero [1]"]
 
 
+def test_a_gang_that_succeeded_despite_a_peer_exiting_nonzero():
+    # rank 1 of attempt 2 exited 2 (an injected fault), rank 0 completed: the job succeeded
+    plan = JobPlan("j", "succeed", 1, workers=2)
+    done = job(phase="Succeeded", attempt=2, resumes=1, reason="Completed", workers=2)
+    assert outcome_problems(plan, done, {2}, {2}) == []
+    # ... but a non-zero exit in an earlier attempt must still have been counted
+    assert outcome_problems(plan, done, {1}, {1}) == ["failures 0 < attempts whose pods exited non-zero [1]"]
+
+
 def test_run_job_failed_without_exit_faults():
     plan = JobPlan("j", "run", 1)
     st = job(phase="Failed", attempt=1, reason="PodLost")
@@ -202,7 +220,102 @@ def test_job_violations_lost_statusless_and_unexpected():
 
 def test_overlap_violations():
     assert overlap_violations([{"job": "j", "pods": ["j-1", "j-2"], "t": 3.5}]) == [
-        "j: two live pods at once at t=3.5s: ['j-1', 'j-2']"]
+        "j: pods of two attempts live at once at t=3.5s: ['j-1', 'j-2']"]
+
+
+# --- gangs ------------------------------------------------------------------------------------
+def test_a_gang_is_running_only_with_every_rank_running():
+    two = job(workers=2)
+    assert consistency_problems(two, [pod(rank=0), pod(rank=1)]) == []
+    assert consistency_problems(two, [pod(rank=0)]) == ["Running but pod j-1-1 is missing"]
+    assert consistency_problems(two, [pod(rank=0), pod(rank=1, phase="Failed", exit_code=1)]) == [
+        "Running but pod j-1-1 is Failed"]
+    assert consistency_problems(two, [pod(rank=0, deleting=True), pod(rank=1)]) == [
+        "Running but pod j-1-0 is Running (deleting)"]
+
+
+def test_a_gang_waits_while_its_slowest_rank_is_pending():
+    starting, queued = job(phase="Starting", workers=2), job(phase="Queued", workers=2)
+    assert consistency_problems(starting, [pod(rank=0), pod(rank=1, phase="Pending")]) == []
+    assert consistency_problems(queued, [pod(rank=0), pod(rank=1, phase="Pending")]) == []
+    assert consistency_problems(queued, []) == []  # written before its pods are made
+    assert consistency_problems(starting, [pod(rank=0), pod(rank=1)]) == [
+        "Starting but pod j-1-0 is Running, pod j-1-1 is Running"]
+    assert consistency_problems(queued, [pod(rank=0), pod(rank=1)]) == [
+        "Queued but pod j-1-0 is Running, pod j-1-1 is Running"]
+
+
+def test_a_resuming_gang_must_be_stopping_every_rank():
+    resuming = job(phase="Resuming", resumes=1, workers=2)
+    evicted = pod(rank=1, phase="Failed", exit_code=143, evicted=True)
+    assert consistency_problems(resuming, [pod(rank=0, deleting=True), evicted]) == []
+    assert consistency_problems(resuming, [pod(rank=0), evicted]) == [
+        "Resuming but pod j-1-0 is Running and not being stopped"]
+
+
+def test_a_running_gang_with_the_previous_attempt_still_live():
+    gang = [pod(attempt=2, rank=0), pod(attempt=2, rank=1)]
+    problems = consistency_problems(job(attempt=2, resumes=1, workers=2), gang + [pod(attempt=1, rank=0)])
+    assert problems == ["Running with extra live pods ['j-1-0', 'j-2-0', 'j-2-1']"]
+
+
+def span(name, attempt, first_seen, stopping=None, ended=None, job_name="j"):
+    return PodSpan(job_name, attempt, name, first_seen, stopping, ended)
+
+
+def test_a_rank_left_running_after_its_attempt_concluded():
+    """History: attempt 1 of j concluded at t=10 (rank 1 evicted). Rank 0 must be asked to stop
+    within the stop grace and end within the end grace."""
+    concluded = {("j", 1): 10.0}
+    evicted = span("j-1-1", 1, 0.0, stopping=9.0, ended=9.5)
+    stopped = span("j-1-0", 1, 0.0, stopping=11.0, ended=14.0)
+    assert lingering_gang_problems(concluded, [evicted, stopped], now=100.0, stop_grace=30, end_grace=60) == []
+    forgotten = span("j-1-0", 1, 0.0)
+    assert lingering_gang_problems(concluded, [evicted, forgotten], now=100.0, stop_grace=30, end_grace=60) == [
+        "j: attempt 1 concluded but pod j-1-0 was still live 90.0s later without being stopped (bound 30s)"]
+    # not yet past the bound when the observation ends: no verdict yet
+    assert lingering_gang_problems(concluded, [forgotten], now=35.0, stop_grace=30, end_grace=60) == []
+    late = span("j-1-0", 1, 0.0, stopping=45.0, ended=46.0)
+    assert lingering_gang_problems(concluded, [late], now=100.0, stop_grace=30, end_grace=60) == [
+        "j: attempt 1 concluded but pod j-1-0 was live 35.0s longer without being stopped (bound 30s)"]
+    stuck = span("j-1-0", 1, 0.0, stopping=12.0)  # asked to stop, never ended
+    assert lingering_gang_problems(concluded, [stuck], now=100.0, stop_grace=30, end_grace=60) == [
+        "j: attempt 1 concluded but pod j-1-0 was still live 90.0s later before it ended (bound 60s)"]
+
+
+def test_a_pod_that_ended_by_itself_and_was_deleted_later_is_not_lingering():
+    # attempt 1 failed at t=15 (the pod's own exit); pod GC deleted the pod at t=65 with its node
+    concluded = {("j", 1): 15.5}
+    gone = span("j-1", 1, 10.0, stopping=65.0, ended=15.4)
+    assert lingering_gang_problems(concluded, [gone], now=100.0, stop_grace=30, end_grace=60) == []
+
+
+def test_pods_of_attempts_that_did_not_conclude_are_not_judged():
+    running = span("j-2-0", 2, 20.0)
+    other_job = span("k-1-0", 1, 0.0, job_name="k")
+    assert lingering_gang_problems({("j", 1): 10.0}, [running, other_job], now=500.0) == []
+
+
+def test_a_rank_recreated_after_its_attempt_concluded_is_judged_from_its_birth():
+    concluded = {("j", 1): 10.0}
+    reborn = span("j-1-1", 1, 50.0)
+    assert lingering_gang_problems(concluded, [reborn], now=70.0, stop_grace=30, end_grace=60) == []
+    assert lingering_gang_problems(concluded, [reborn], now=90.0, stop_grace=30, end_grace=60) == [
+        "j: attempt 1 concluded but pod j-1-1 was still live 40.0s later without being stopped (bound 30s)"]
+
+
+def test_attempt_overlaps_from_pod_histories():
+    old_gang = [span("j-1-0", 1, 0.0, stopping=10.0, ended=12.0), span("j-1-1", 1, 0.0, ended=9.0)]
+    assert attempt_overlaps(old_gang + [span("j-2-0", 2, 12.0), span("j-2-1", 2, 12.5)]) == []
+    # rank 0 of attempt 1 still terminating when attempt 2's rank 1 appeared
+    assert attempt_overlaps(old_gang + [span("j-2-0", 2, 13.0), span("j-2-1", 2, 11.0)]) == [
+        {"job": "j", "pods": ["j-1-0", "j-2-1"], "t": 11.0}]
+    # two ranks of one attempt, and pods of other jobs, never overlap
+    assert attempt_overlaps([span("j-1-0", 1, 0.0), span("j-1-1", 1, 0.5),
+                             span("k-1", 1, 0.0, job_name="k"), span("k-2", 2, 5.0, job_name="k2")]) == []
+    # an attempt's pod that never ended overlaps every later attempt
+    assert attempt_overlaps([span("j-1", 1, 0.0), span("j-2", 2, 30.0)]) == [
+        {"job": "j", "pods": ["j-1", "j-2"], "t": 30.0}]
 
 
 # --- Events -----------------------------------------------------------------------------------

@@ -66,8 +66,9 @@ def test_crd_identity():
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
     assert version["subresources"] == {"status": {}}
     columns = {c["name"].upper(): c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert columns == {"PHASE": ".status.phase", "PROGRESS": ".status.progress.display",
-                       "LOSS": ".status.progress.loss", "RESTARTS": ".status.restarts",
+    assert columns == {"PHASE": ".status.phase", "READY": ".status.ranks.display",
+                       "PROGRESS": ".status.progress.display", "LOSS": ".status.progress.loss",
+                       "RESTARTS": ".status.restarts",
                        "REASON": ".status.reason", "AGE": ".metadata.creationTimestamp"}
 
 
@@ -103,8 +104,8 @@ def test_cel_rules_are_present_with_messages():
         for rule in node.get("x-kubernetes-validations", []):
             assert set(rule) == {"rule", "message"} and rule["message"], path
             rules[path] = rules.get(path, []) + [rule]
-    assert rules[".spec.workers"][0] == {
-        "rule": "self == 1", "message": "multi-node training (workers > 1) is not supported yet; set workers: 1"}
+    assert all("self == oldSelf" == r["rule"] for r in rules[".spec.workers"])  # only immutability
+    assert any("self.spec.workers == 1" in r["rule"] and "DNS label" in r["message"] for r in rules[""])
     assert "has(self.maxSteps) || has(self.epochs)" in rules[".spec.hyperparameters"][0]["rule"]
     assert rules[".spec.failurePolicy.rules[]"][0]["rule"] == "has(self.onExitCodes) != has(self.onPodConditions)"
     assert "self.maxBackoffSeconds >= self.backoffSeconds" in rules[".spec.runPolicy"][0]["rule"]
@@ -141,7 +142,7 @@ def test_spec_defaults_and_descriptions_reach_the_schema():
     assert run_policy["properties"]["backoffLimit"]["default"] == 3
     assert run_policy["properties"]["backoffLimit"]["maximum"] == 100
     assert spec["properties"]["lora"]["properties"]["r"]["maximum"] == 1024
-    assert spec["properties"]["method"]["enum"] == ["LoRA"]
+    assert spec["properties"]["method"]["enum"] == ["LoRA", "QLoRA"]
     for path, node in _walk(spec):
         if path.count(".") == 1:
             assert node.get("description"), f"{path} has no description for kubectl explain"

@@ -261,8 +261,24 @@ def test_ttl_after_finished_deletes_the_job():
 def test_all_conditions_present_with_generation():
     d = step(None, generation=7)
     types = [c.type for c in d.status.conditions]
-    assert types == ["Admitted", "Running", "Progressing", "Resumable", "Suspended", "Succeeded", "Failed"]
+    assert types == ["Ready", "Reconciling", "Stalled",
+                     "Admitted", "Running", "Progressing", "Resumable", "Suspended", "Succeeded", "Failed"]
     assert {c.observed_generation for c in d.status.conditions} == {7}
+
+
+def test_kstatus_conditions_follow_the_phase():
+    def triple(s):
+        return tuple(s.condition(t).status for t in ("Ready", "Reconciling", "Stalled"))
+    queued = step(None).status
+    assert triple(queued) == ("False", "True", "False")
+    running = step(queued, [running_pod(1)], now=at(5)).status
+    assert triple(running) == ("True", "False", "False")
+    assert triple(step(running, [exited_pod(1, 0)], now=at(9)).status) == ("True", "False", "False")
+    spec = make_spec(runPolicy={"backoffLimit": 0})
+    failed = step(running_job(spec), [exited_pod(1, 3)], now=at(9), spec=spec).status
+    assert failed.phase == "Failed" and triple(failed) == ("False", "False", "True")
+    stalled = failed.condition("Stalled")
+    assert (stalled.reason, stalled.message) == (failed.reason, failed.message)
 
 
 def test_last_transition_time_moves_only_on_flip():

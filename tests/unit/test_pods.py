@@ -60,12 +60,22 @@ def test_checkpoint_volume_pvc_or_empty_dir():
     with_pvc = _pod(checkpoint={"claimName": "ckpt", "mountPath": "/ck"})
     assert with_pvc["spec"]["volumes"][0] == {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ckpt"}}
     # only the job's own directory of the claim: trainingjobs/<namespace>/<name>/<uid>
+    shm = {"name": "dshm", "mountPath": "/dev/shm"}  # memory-backed, for NCCL
     assert with_pvc["spec"]["containers"][0]["volumeMounts"] == [
-        {"name": "checkpoints", "mountPath": "/ck", "subPath": "trainingjobs/team-a/ft/uid-123"}
+        {"name": "checkpoints", "mountPath": "/ck", "subPath": "trainingjobs/team-a/ft/uid-123"}, shm
     ]
     scratch = _pod()
-    assert scratch["spec"]["volumes"][0] == {"name": "checkpoints", "emptyDir": {}}
-    assert scratch["spec"]["containers"][0]["volumeMounts"] == [{"name": "checkpoints", "mountPath": "/checkpoints"}]
+    assert scratch["spec"]["volumes"] == [{"name": "checkpoints", "emptyDir": {}},
+                                          {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    assert scratch["spec"]["containers"][0]["volumeMounts"] == [
+        {"name": "checkpoints", "mountPath": "/checkpoints"}, shm]
+
+
+def test_a_template_shm_volume_replaces_ours():
+    pod = _pod(template={"volumes": [{"name": "big-shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+                         "volumeMounts": [{"name": "big-shm", "mountPath": "/dev/shm"}]})
+    assert [m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]].count("/dev/shm") == 1
+    assert "dshm" not in {v["name"] for v in pod["spec"]["volumes"]}
 
 
 def test_resume_from_mounts_the_named_checkpoint_read_only():

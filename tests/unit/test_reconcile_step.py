@@ -64,8 +64,12 @@ class FakeCluster:
         self.pods[name] = pod
         return "created"
 
+    async def create_service(self, namespace: str, service: dict) -> str:
+        self.calls.append(("service", service["metadata"]["name"]))
+        return "created"
+
     async def delete_pod(self, namespace: str, name: str, uid: str | None, grace_seconds: int | None) -> None:
-        self.calls.append(("delete", name))
+        self.calls.append(("delete", name) if grace_seconds is None else ("delete", name, grace_seconds))
 
     async def delete_job(self, namespace: str, name: str, uid: str) -> None:
         self.calls.append(("delete-job", name))
@@ -126,6 +130,31 @@ def test_a_new_job_writes_queued_then_creates_its_pod_then_starting():
     cluster.set_pod("ft-1", STARTING)
     reconcile(cluster, at(2))
     assert cluster.calls == [("status", "Starting", "ContainerCreating"), ("event", "Normal", "ContainerCreating")]
+
+
+def test_a_gang_writes_its_status_then_its_service_then_every_rank():
+    job = new_job()
+    job["spec"]["workers"] = 2
+    cluster = FakeCluster(job)
+    reconcile(cluster, at(0))
+    assert cluster.calls == [("status", "Queued", "CreatingPod"), ("service", "ft"), ("create", "ft-1-0"),
+                             ("create", "ft-1-1"), ("event", "Normal", "CreatingPod")]
+    env = {e["name"]: e["value"] for e in cluster.pods["ft-1-1"]["spec"]["containers"][0]["env"] if "value" in e}
+    assert (env["PET_NNODES"], env["PET_NODE_RANK"], env["PET_MASTER_ADDR"]) == ("2", "1", "rank-0.ft")
+    assert cluster.pods["ft-1-1"]["spec"]["hostname"] == "rank-1"
+    cluster.set_pod("ft-1-0", RUNNING)
+    reconcile(cluster, at(2))
+    assert cluster.job["status"]["ranks"] == {"ready": 1, "total": 2, "display": "1/2"}
+    assert cluster.job["status"]["phase"] == "Queued"  # rank 1 not scheduled yet
+
+
+def test_a_forced_deletion_of_a_stuck_pod_is_announced():
+    cluster = running_cluster()
+    cluster.job["spec"]["suspend"] = True
+    cluster.pods["ft-1"]["metadata"]["deletionTimestamp"] = "2025-01-01T00:01:00Z"
+    reconcile(cluster, at(60 + 61))
+    assert ("delete", "ft-1", 0) in cluster.calls
+    assert ("event", "Warning", "StuckTerminating") in cluster.calls
 
 
 def test_nothing_new_writes_nothing():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from jobkit import make_spec
+from jobkit import make_spec, observe, running_job, running_pod
 
 from finetune_operator import storage
 from finetune_operator.api.parsing import SpecError, parse_spec
@@ -57,6 +57,37 @@ def test_prompt_without_completion_is_refused_naming_the_fields():
         parse_spec(body)
     assert "promptField and completionField" in err.value.message
     assert "FT_" not in err.value.message
+
+
+# status.runFingerprint as 0.1.0 wrote it (its run_definition: every run field with its
+# defaults), for BASE_SPEC with a checkpoint claim and for one with LoRA r 16 — computed by that
+# release's code, not by this one's.
+FINGERPRINTS_0_1_0 = {"base": "1a1e6ef800cd2a65", "r16": "eaf3d4314a101641"}
+
+
+def test_a_job_fingerprinted_by_0_1_0_still_matches_after_an_upgrade():
+    from finetune_operator.core import decide
+    from finetune_operator.core.run_definition import legacy_run_fingerprint
+
+    specs = {"base": make_spec(checkpoint={"claimName": "c"}),
+             "r16": make_spec(checkpoint={"claimName": "c"}, lora={"r": 16})}
+    for key, spec in specs.items():
+        assert legacy_run_fingerprint(spec) == FINGERPRINTS_0_1_0[key], key
+        running = running_job(spec)
+        old = running.model_copy(update={"run_fingerprint": FINGERPRINTS_0_1_0[key]})
+        assert decide(observe(old, [running_pod(1)], spec=spec)).status.phase == "Running", key
+    edited = make_spec(checkpoint={"claimName": "c"}, lora={"r": 32})
+    old = running_job(specs["base"]).model_copy(update={"run_fingerprint": FINGERPRINTS_0_1_0["base"]})
+    assert decide(observe(old, [running_pod(1)], spec=edited)).status.reason == "SpecChanged"
+
+
+def test_fields_added_with_defaults_do_not_change_the_fingerprint():
+    body = make_spec(checkpoint={"claimName": "c"}).model_dump(by_alias=True, exclude_none=True)
+    explicit = {**body, "dataset": {**body["dataset"], "messagesField": "messages"},
+                "hyperparameters": {**body["hyperparameters"], "precision": "auto"}}
+    assert run_fingerprint(parse_spec(explicit)) == run_fingerprint(parse_spec(body))
+    assert run_fingerprint(parse_spec({**body, "trainingArguments": {"warmup_ratio": 0.1}})) != run_fingerprint(
+        parse_spec(body))
 
 
 def test_fingerprint_covers_the_run_and_ignores_what_stays_editable():

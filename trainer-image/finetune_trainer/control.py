@@ -34,6 +34,7 @@ class TrainerControlCallback(TrainerCallback):
         self.is_main = is_main
         self.step_delay = step_delay
         self.preempted = False
+        self.last_eval_step: int | None = None
         self._last_log_time = 0.0
         self._last_log_tokens = 0
         self._flag: torch.Tensor | None = None
@@ -105,6 +106,16 @@ class TrainerControlCallback(TrainerCallback):
                 tps,
                 state.epoch or 0.0,
             )
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        self.last_eval_step = state.global_step
+        if loss is None:
+            return
+        if self.metrics is not None and math.isfinite(loss):
+            self.metrics.eval_loss.set(loss)
+        if self.is_main:
+            LOG.info("eval step %d/%d eval_loss=%.6f", state.global_step, state.max_steps, loss)
 
     def on_save(self, args, state, control, **kwargs):
         if not self.is_main:

@@ -1,168 +1,168 @@
-"""JSONL dataset reading (torch-free) and tokenization (needs only a tokenizer).
+"""Reading the dataset with HF ``datasets`` (torch-free; ``datasets`` is imported when used).
 
-Two record shapes:
-- text mode: ``{"<text_field>": "..."}`` — loss on every token;
-- prompt/completion mode (both fields configured): loss only on the completion tokens.
+Files: JSON Lines / JSON (``.jsonl``, ``.json``) or Parquet (``.parquet``); a file, or a
+directory of files of one kind. Formats (docs/TRAINER.md "Data"):
+- ``text``: ``{"<text_field>": "..."}``, loss on every token;
+- ``prompt-completion``: loss only on the completion tokens;
+- ``messages``: a conversation rendered with the tokenizer's chat template, loss only on
+  the assistant turns.
 
-Config errors (missing/unreadable/empty dataset, bad JSON, no usable record) raise
-:class:`~finetune_contract.ConfigError` with a one-line reason.
+Config errors (missing/unreadable/empty dataset, a missing column, no usable record) raise
+:class:`~finetune_contract.ConfigError` with a one-line reason. Tokenization is in
+:mod:`finetune_trainer.features`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
+import finetune_contract as c
 from finetune_contract import ConfigError, TrainerConfig
 
 IGNORE_INDEX = -100
-DATASET_SUFFIXES = (".jsonl", ".json")
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def dataset_files(path: str) -> list[str]:
-    """The JSONL files of a dataset path: the file itself, or a directory's ``*.jsonl`` files."""
+    """The data files of a dataset path: the file itself, or a directory's data files."""
     if not path:
         raise ConfigError("no dataset given")
     if os.path.isdir(path):
         files = sorted(
             os.path.join(path, n)
             for n in os.listdir(path)
-            if n.endswith(DATASET_SUFFIXES) and os.path.isfile(os.path.join(path, n))
+            if n.endswith(tuple(BUILDERS)) and os.path.isfile(os.path.join(path, n))
         )
         if not files:
-            raise ConfigError(f"dataset directory has no .jsonl files: {path}")
+            raise ConfigError(f"dataset directory has no {', '.join(BUILDERS)} files: {path}")
+        builder_for(files)
         return files
     if not os.path.exists(path):
         raise ConfigError(f"dataset not found: {path}")
     if not os.path.isfile(path):
         raise ConfigError(f"dataset is not a regular file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"cannot read dataset {path}: permission denied")
+    builder_for([path])
     return [path]
 
 
-def iter_records(path: str) -> Iterator[Any]:
-    """Yield the parsed JSON of every non-blank line."""
-    for fp in dataset_files(path):
-        try:
-            fh = open(fp, encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read dataset {fp}: {e.strerror or e}") from None
-        with fh:
-            try:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)
-                    except ValueError as e:
-                        raise ConfigError(f"dataset {fp} line {lineno}: invalid JSON ({e})") from None
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"dataset {fp} is not UTF-8 text: {e}") from None
+def builder_for(files: list[str]) -> str:
+    """The ``datasets`` builder reading these files (one kind per dataset)."""
+    kinds = set()
+    for f in files:
+        suffix = os.path.splitext(f)[1]
+        if suffix not in BUILDERS:
+            raise ConfigError(f"dataset {f}: unknown file type {suffix!r} (use {', '.join(BUILDERS)})")
+        kinds.add(BUILDERS[suffix])
+    if len(kinds) > 1:
+        raise ConfigError(f"dataset mixes JSON and Parquet files: {', '.join(files)}")
+    return kinds.pop()
 
 
-def load_examples(cfg: TrainerConfig) -> list[str] | list[tuple[str, str]]:
-    """Read the dataset into text examples or (prompt, completion) pairs.
+def load_records(cfg: TrainerConfig, cache_dir: str) -> Any:
+    """The dataset as a ``datasets.Dataset`` (Arrow cache under ``cache_dir``)."""
+    import datasets
 
-    Records without the configured field(s) are skipped; none usable is a config error.
-    """
-    pc_mode = bool(cfg.prompt_field and cfg.completion_field)
-    texts: list[str] = []
-    pairs: list[tuple[str, str]] = []
-    total = 0
-    for rec in iter_records(cfg.dataset):
-        total += 1
-        if not isinstance(rec, dict):
-            continue
-        if pc_mode:
-            p, comp = rec.get(cfg.prompt_field), rec.get(cfg.completion_field)
-            if isinstance(p, str) and isinstance(comp, str) and comp:
-                pairs.append((p, comp))
-        else:
-            t = rec.get(cfg.text_field)
-            if isinstance(t, str) and t.strip():
-                texts.append(t)
-    if total == 0:
+    files = dataset_files(cfg.dataset)
+    if all(_blank(f) for f in files):  # datasets would say 'Instruction "train" corresponds to no data'
         raise ConfigError(f"dataset is empty: {cfg.dataset}")
-    if pc_mode and not pairs:
+    datasets.disable_progress_bars()  # docs/TRAINER.md pitfall 11
+    try:
+        records = datasets.load_dataset(builder_for(files), data_files=files, split="train", cache_dir=cache_dir)
+    except Exception as e:  # broad on purpose: any reader failure (bad JSON, not UTF-8, bad Parquet) is the data's
+        raise ConfigError(f"cannot read dataset {cfg.dataset}: {_root_cause(e)}") from None
+    if records.num_rows == 0:
+        raise ConfigError(f"dataset is empty: {cfg.dataset}")
+    return records
+
+
+def _root_cause(e: BaseException) -> str:
+    """The reader's error that ``datasets`` wrapped (raised ``from`` it)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
+
+
+def _blank(path: str) -> bool:
+    """A file with nothing but whitespace (only small files are read to tell)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return True
+    if size > 65536 or not path.endswith((".json", ".jsonl")):
+        return False
+    with open(path, "rb") as fh:
+        return not fh.read().strip()
+
+
+def resolve_format(cfg: TrainerConfig, columns: list[str]) -> str:
+    """The configured format, else inferred: prompt/completion fields configured →
+    prompt-completion; a messages column and no text column → messages; ``prompt`` and
+    ``completion`` columns and no text column → prompt-completion; else text."""
+    if cfg.dataset_format:
+        return cfg.dataset_format
+    if cfg.prompt_field and cfg.completion_field:
+        return c.FORMAT_PROMPT_COMPLETION
+    if cfg.text_field not in columns:
+        if cfg.messages_field in columns:
+            return c.FORMAT_MESSAGES
+        if "prompt" in columns and "completion" in columns:
+            return c.FORMAT_PROMPT_COMPLETION
+    return c.FORMAT_TEXT
+
+
+def columns_of(cfg: TrainerConfig, fmt: str) -> tuple[str, ...]:
+    """The columns a format reads."""
+    if fmt == c.FORMAT_PROMPT_COMPLETION:
+        return (cfg.prompt_field or "prompt", cfg.completion_field or "completion")
+    if fmt == c.FORMAT_MESSAGES:
+        return (cfg.messages_field,)
+    return (cfg.text_field,)
+
+
+def check_columns(cfg: TrainerConfig, fmt: str, records: Any) -> tuple[str, ...]:
+    """The format's columns, each present in the dataset; else a ConfigError naming them."""
+    wanted = columns_of(cfg, fmt)
+    missing = [col for col in wanted if col not in records.column_names]
+    if missing:
+        kind = "a non-empty string field" if fmt == c.FORMAT_TEXT else "the field(s)"
         raise ConfigError(
-            f"dataset {cfg.dataset} has no record with string fields "
-            f"{cfg.prompt_field!r} and {cfg.completion_field!r} ({total} records)"
+            f"dataset {cfg.dataset} has no record with {kind} {', '.join(repr(m) for m in missing)} "
+            f"(format {fmt}; {records.num_rows} records; columns: {', '.join(records.column_names)})"
         )
-    if not pc_mode and not texts:
-        raise ConfigError(
-            f"dataset {cfg.dataset} has no record with a non-empty string field "
-            f"{cfg.text_field!r} ({total} records)"
-        )
-    return pairs if pc_mode else texts
+    return wanted
 
 
-def _ids(enc: Any) -> list[list[int]]:
-    return enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+class Prepared:
+    """The records of rank 0's check, their format, the columns that format reads, and the
+    eval dataset's records when FT_EVAL_DATASET names one."""
+
+    def __init__(self, records: Any, fmt: str, columns: tuple[str, ...], eval: Prepared | None = None) -> None:
+        self.records, self.format, self.columns, self.eval = records, fmt, columns, eval
+
+    def __len__(self) -> int:
+        return int(self.records.num_rows)
 
 
-def tokenize_examples(
-    tokenizer: Any,
-    examples: Sequence[str] | Sequence[tuple[str, str]],
-    seq_len: int,
-    batch: int = 1000,
-) -> list[dict[str, list[int]]]:
-    """Tokenize to ``{"input_ids", "labels"}`` features, truncated to ``seq_len`` tokens.
-
-    An EOS token is appended when the tokenizer did not add one and there is room.
-    Examples that end up empty are dropped; none left (docs/TRAINER.md pitfall 15: a tokenizer that
-    encodes everything to nothing) is a config error.
-    """
-    eos = tokenizer.eos_token_id
-    feats: list[dict[str, list[int]]] = []
-    pc_mode = bool(examples) and isinstance(examples[0], tuple)
-    for start in range(0, len(examples), batch):
-        chunk = examples[start : start + batch]
-        if pc_mode:
-            feats.extend(_pair_features(tokenizer, cast(Sequence[tuple[str, str]], chunk), seq_len, eos))
-        else:
-            feats.extend(_text_features(tokenizer, cast(Sequence[str], chunk), seq_len, eos))
-    if not feats:
-        raise ConfigError(
-            f"no example tokenizes to at least 2 tokens with the model's tokenizer "
-            f"({type(tokenizer).__name__}); check the dataset fields and the tokenizer files"
-        )
-    return feats
+def prepare(cfg: TrainerConfig) -> Prepared:
+    """Load the dataset, settle its format and check its columns (rank 0, before torch).
+    ``datasets`` keeps its Arrow copy of the files under the work directory."""
+    raw_cache = os.path.join(cfg.work_dir, "datasets", "raw")
+    records = load_records(cfg, raw_cache)
+    fmt = resolve_format(cfg, records.column_names)
+    columns = check_columns(cfg, fmt, records)
+    evaluation = None
+    if cfg.eval_dataset:  # read and checked as the training data is, in its format
+        eval_cfg = eval_config(cfg)
+        eval_records = load_records(eval_cfg, raw_cache)
+        evaluation = Prepared(eval_records, fmt, check_columns(eval_cfg, fmt, eval_records))
+    return Prepared(records, fmt, columns, evaluation)
 
 
-def _pair_features(
-    tokenizer: Any, pairs: Sequence[tuple[str, str]], seq_len: int, eos: int | None
-) -> list[dict[str, list[int]]]:
-    """Prompt/completion mode: labels only on the completion (and its EOS)."""
-    feats = []
-    prompts = _ids(tokenizer([p for p, _ in pairs], add_special_tokens=True))
-    comps = _ids(tokenizer([c for _, c in pairs], add_special_tokens=False))
-    for p_ids, c_ids in zip(prompts, comps, strict=True):  # one encoding per input
-        p_ids = list(p_ids)
-        # a template that appends EOS to the prompt would end the sequence early
-        if eos is not None and len(p_ids) > 1 and p_ids[-1] == eos:
-            p_ids = p_ids[:-1]
-        c_ids = list(c_ids)
-        if eos is not None and (not c_ids or c_ids[-1] != eos):
-            c_ids.append(eos)
-        ids = (p_ids + c_ids)[:seq_len]
-        labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:seq_len]
-        if any(lab != IGNORE_INDEX for lab in labels):
-            feats.append({"input_ids": ids, "labels": labels})
-    return feats
-
-
-def _text_features(tokenizer: Any, texts: Sequence[str], seq_len: int, eos: int | None) -> list[dict[str, list[int]]]:
-    """Text mode: labels on every token."""
-    feats = []
-    for ids in _ids(tokenizer(list(texts), add_special_tokens=True)):
-        ids = list(ids)
-        if eos is not None and ids and ids[-1] != eos and len(ids) < seq_len:
-            ids.append(eos)
-        ids = ids[:seq_len]
-        if len(ids) >= 2:
-            feats.append({"input_ids": ids, "labels": list(ids)})
-    return feats
+def eval_config(cfg: TrainerConfig) -> TrainerConfig:
+    """The configuration that reads the eval dataset (its errors name that path)."""
+    return cfg.replace(dataset=cfg.eval_dataset or "")
 
 
 class PadCollator:
@@ -179,8 +179,8 @@ class PadCollator:
         for f in features:
             n = len(f["input_ids"])
             pad = width - n
-            ids.append(f["input_ids"] + [self.pad_token_id] * pad)
-            labels.append(f["labels"] + [IGNORE_INDEX] * pad)
+            ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
             mask.append([1] * n + [0] * pad)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),

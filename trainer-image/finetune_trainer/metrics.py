@@ -32,6 +32,8 @@ class TrainerMetrics:
         self.last_checkpoint_step = Gauge(
             c.METRIC_LAST_CHECKPOINT_STEP, "Step of the latest complete checkpoint", registry=r
         )
+        self.eval_loss = Gauge(c.METRIC_EVAL_LOSS, "Loss on the eval split at the latest evaluation", registry=r)
+        self.eval_loss.set(float("nan"))  # no evaluation yet (or no eval split): not a loss of 0
         self.heartbeat = Gauge(
             c.METRIC_HEARTBEAT,
             "Unix time of the last completed step (advances only when steps advance)",

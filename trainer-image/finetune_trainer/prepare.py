@@ -1,4 +1,4 @@
-"""What a run trains: precision, tokenizer + model, LoRA, the tokenized dataset (imports torch/transformers).
+"""What a run trains: precision, tokenizer + model, LoRA (imports torch/transformers).
 
 Kept apart from the run itself (:func:`finetune_trainer.training.train`), as PEFT's examples/sft
 keeps model and data preparation apart from ``main``. A model or tokenizer that cannot be loaded,
@@ -14,31 +14,60 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune_contract as c
 
-from .data import tokenize_examples
 from .util import LOG
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict[str, list[int]]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.items[i]
-
-
-def precision() -> tuple[torch.dtype, bool, bool]:
-    """(model dtype, bf16, fp16): bf16 when the GPU supports it, fp16 AMP on older GPUs, fp32 on CPU."""
-    if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, True, False
+def precision(cfg: c.TrainerConfig) -> tuple[torch.dtype, bool, bool]:
+    """(model dtype, bf16, fp16) for ``cfg.precision``; auto: bf16 when the GPU supports it, fp16
+    AMP on older GPUs, fp32 on CPU. A precision the machine cannot run is a ConfigError."""
+    on_gpu = torch.cuda.is_available()
+    choice = cfg.precision
+    if choice == "auto":
+        choice = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
+    if choice == "bf16":
+        if on_gpu and not torch.cuda.is_bf16_supported():
+            raise c.ConfigError(f"{c.ENV_PRECISION}=bf16: this GPU does not support bfloat16 (use fp16)")
+        return torch.bfloat16, True, False
+    if choice == "fp16":
+        if not on_gpu:
+            raise c.ConfigError(f"{c.ENV_PRECISION}=fp16 needs a CUDA GPU (fp16 AMP); on CPU use bf16 or fp32")
         return torch.float16, False, True
     return torch.float32, False, False
 
 
-def load(cfg: c.TrainerConfig, model_path: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def check_method(cfg: c.TrainerConfig) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes (4-bit weights are placed on the GPU at load)."""
+    if cfg.method != c.METHOD_QLORA:
+        return
+    if not torch.cuda.is_available():
+        raise c.ConfigError(
+            f"{c.ENV_METHOD}=qlora loads the base model in 4 bits with bitsandbytes, which needs a CUDA GPU; "
+            f"none is visible (use lora, or request resources.gpus)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401  (only its presence matters here)
+    except ImportError as e:
+        raise c.ConfigError(f"{c.ENV_METHOD}=qlora needs bitsandbytes, which is not importable: {e}") from e
+
+
+def model_load_kwargs(cfg: c.TrainerConfig, dtype: torch.dtype, local_rank: int) -> dict[str, Any]:
+    """``from_pretrained`` arguments of the base model: the dtype (docs/TRAINER.md pitfall 6), and for
+    QLoRA a 4-bit NF4 quantization with double quantization, computing in ``dtype``, on this rank's GPU."""
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.method == c.METHOD_QLORA:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": local_rank}
+    return kwargs
+
+
+def load(cfg: c.TrainerConfig, model_path: str, dtype: torch.dtype, local_rank: int = 0) -> tuple[Any, Any]:
     """(tokenizer, model); a tokenizer without a pad token pads with its eos token."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -49,15 +78,10 @@ def load(cfg: c.TrainerConfig, model_path: str, dtype: torch.dtype) -> tuple[Any
             raise c.ConfigError(f"tokenizer of {cfg.model} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)  # docs/TRAINER.md pitfall 6
+        model = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(cfg, dtype, local_rank))
     except Exception as e:  # broad on purpose, as for the tokenizer
         raise c.ConfigError(f"cannot load model from {cfg.model}: {type(e).__name__}: {e}") from e
     return tokenizer, model
-
-
-def train_dataset(tokenizer: Any, examples: Any, seq_len: int) -> ListDataset:
-    """The examples tokenized to features (docs/TRAINER.md pitfall 15: none left is a ConfigError)."""
-    return ListDataset(tokenize_examples(tokenizer, examples, seq_len))
 
 
 def _check_target_modules(model: torch.nn.Module, targets: tuple[str, ...]) -> None:
@@ -81,6 +105,14 @@ def apply_lora(model: Any, cfg: c.TrainerConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False
+    if cfg.method == c.METHOD_QLORA:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

@@ -8,6 +8,7 @@ Model and data preparation are in :mod:`finetune_trainer.prepare`, the per-step 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 import finetune_contract as c
 
 from . import checkpoints as ckpts
-from . import prepare
+from . import features, prepare, tracking
 from .control import TrainerControlCallback, distributed
 from .data import PadCollator
 from .stop import PreemptedBeforeTraining
@@ -32,7 +33,7 @@ transformers.logging.disable_progress_bar()
 def train(
     cfg: c.TrainerConfig,
     model_path: str,
-    examples: Any,
+    prepared: Any,
     stopper: Any,
     report: Any,
     metrics: Any,
@@ -41,28 +42,32 @@ def train(
     """Run one training to completion or preemption; ``callbacks`` are extra HF callbacks
     (benchmarks use one to time steps)."""
     t_start = time.perf_counter()
-    dtype, bf16, fp16 = prepare.precision()
+    dtype, bf16, fp16 = prepare.precision(cfg)
+    prepare.check_method(cfg)
     transformers.set_seed(cfg.seed)
     args = training_arguments(cfg, bf16, fp16)
     is_main = args.process_index == 0  # also initializes torch.distributed under torchrun
+    reporting = tracking.configure(args, cfg)
     if is_main:
-        _log_setup(args, dtype, model_path, cfg.dataset, len(examples))
+        _log_setup(args, dtype, model_path, cfg.dataset, prepared)
+        if reporting:
+            LOG.info("reporting to %s (TensorBoard logs: %s)", ",".join(reporting), tracking.tensorboard_dir(cfg))
 
     load_delay = _env_seconds(c.ENV_DEBUG_LOAD_DELAY)
     if load_delay > 0:
         time.sleep(load_delay)  # stands in for a model that takes long to download and load
-    tokenizer, model = prepare.load(cfg, model_path, dtype)
-    dataset = prepare.train_dataset(tokenizer, examples, cfg.seq_len)
+    tokenizer, model = prepare.load(cfg, model_path, dtype, args.local_process_index)
+    dataset, eval_dataset = _with_eval_split(cfg, tokenizer, prepared, is_main)
     model = prepare.apply_lora(model, cfg)
     if is_main:
         prepare.log_lora(model, cfg, len(dataset))
 
     resume = _resume_point(cfg, is_main, report, metrics)
-    if resume is not None and (done := _finish_if_complete(resume, cfg, is_main, report, metrics)) is not None:
+    if resume is not None and (done := _finish_if_complete(resume, cfg, model_path, is_main, report, metrics)):
         return done
 
     control = TrainerControlCallback(stopper, report, metrics, is_main, _env_seconds(c.ENV_DEBUG_STEP_DELAY))
-    trainer = _trainer(model, args, tokenizer, dataset, [control, *(callbacks or [])])
+    trainer = _trainer(model, args, tokenizer, (dataset, eval_dataset), [control, *(callbacks or [])])
     if stopper.is_set():
         # SIGTERM while loading: the handler normally raises; this covers a non-main thread.
         raise PreemptedBeforeTraining("SIGTERM")
@@ -72,13 +77,16 @@ def train(
     _record_final_state(trainer.state, report)
     if control.preempted and trainer.state.global_step < trainer.state.max_steps:
         return _stopped(trainer.state, report, is_main)
-    return _completed(trainer, cfg, report, is_main, (t_start, t_train))
+    if eval_dataset is not None and control.last_eval_step != trainer.state.global_step:
+        trainer.evaluate()  # the end of the run, when it did not fall on an eval step (every rank)
+    return _completed(trainer, cfg, model_path, report, is_main, (t_start, t_train))
 
 
 def training_arguments(cfg: c.TrainerConfig, bf16: bool, fp16: bool) -> TrainingArguments:
-    """The HF arguments of a run (5.x names, docs/TRAINER.md pitfall 6; quiet, pitfall 11; seeded, pitfall 12)."""
+    """The HF arguments of a run (5.x names, docs/TRAINER.md pitfall 6; quiet, pitfall 11; seeded, pitfall 12),
+    with ``cfg.training_arguments`` passed through (docs/TRAINER.md "Training arguments")."""
     on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    owned = dict(
         output_dir=cfg.effective_checkpoint_dir,
         max_steps=cfg.max_steps if cfg.max_steps else -1,
         num_train_epochs=cfg.epochs if cfg.epochs else 1.0,
@@ -90,8 +98,8 @@ def training_arguments(cfg: c.TrainerConfig, bf16: bool, fp16: bool) -> Training
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit or None,
-        eval_strategy="no",
-        report_to="none",
+        eval_strategy="steps" if cfg.evaluates else "no",
+        eval_steps=(cfg.eval_steps or cfg.save_steps) if cfg.evaluates else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         include_num_input_tokens_seen="non_padding",
@@ -99,22 +107,51 @@ def training_arguments(cfg: c.TrainerConfig, bf16: bool, fp16: bool) -> Training
         use_cpu=not on_gpu,
         bf16=bf16,
         fp16=fp16,
-        ddp_find_unused_parameters=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False,
+    )
+    defaults = dict(  # the trainer's choices a user may override
+        report_to="none",
+        ddp_find_unused_parameters=False,
         dataloader_pin_memory=on_gpu,
         log_level="warning",
+        per_device_eval_batch_size=cfg.batch_size,
+        prediction_loss_only=True,  # the loss is all the trainer reports; logits of a whole split would not fit
     )
+    if cfg.gradient_checkpointing:  # non-reentrant: works with a frozen base, no input grads needed
+        defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    passed = passthrough_arguments(cfg)
+    try:
+        return TrainingArguments(**{**defaults, **passed, **owned})
+    except (TypeError, ValueError) as e:
+        raise c.ConfigError(f"trainingArguments ({', '.join(sorted(passed)) or 'none'}) rejected: {e}") from e
 
 
-def _log_setup(args: TrainingArguments, dtype: torch.dtype, model_path: str, dataset: str, n_examples: int) -> None:
+def passthrough_arguments(cfg: c.TrainerConfig) -> dict[str, Any]:
+    """``cfg.training_arguments``, checked: no key the trainer owns, none TrainingArguments lacks."""
+    passed = dict(cfg.training_arguments or {})
+    problems = c.owned_training_argument_problems(passed)
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    problems += [
+        f"trainingArguments.{key} is not a TrainingArguments field of transformers {transformers.__version__}"
+        for key in sorted(passed)
+        if key not in known and key not in c.OWNED_TRAINING_ARGUMENTS
+    ]
+    if problems:
+        raise c.ConfigError("; ".join(problems))
+    return passed
+
+
+def _log_setup(args: TrainingArguments, dtype: torch.dtype, model_path: str, dataset: str, prepared: Any) -> None:
     LOG.info(
-        "device=%s world_size=%d dtype=%s model=%s dataset=%s (%d examples)",
+        "device=%s world_size=%d dtype=%s model=%s dataset=%s (%d records, format %s)",
         args.device,
         args.world_size,
         str(dtype).replace("torch.", ""),
         model_path,
         dataset,
-        n_examples,
+        len(prepared),
+        prepared.format,
     )
 
 
@@ -123,13 +160,29 @@ def _env_seconds(name: str) -> float:
     return float(os.environ.get(name, "0") or 0)
 
 
+def _with_eval_split(cfg: c.TrainerConfig, tokenizer: Any, prepared: Any, is_main: bool) -> tuple[Any, Any]:
+    """(train features, eval features or None): a held-out fraction, or the eval dataset's own features."""
+    train = features.tokenized(cfg, tokenizer, prepared, is_main)
+    if cfg.eval_fraction is not None:
+        train, held_out = features.split_for_eval(cfg, train)
+    elif cfg.eval_dataset:
+        held_out = features.tokenized(cfg, tokenizer, prepared.eval if prepared else None, is_main, eval_split=True)
+    else:
+        return train, None
+    if is_main:
+        LOG.info("eval split: %d examples (training on %d), every %d steps", held_out.num_rows, train.num_rows,
+                 cfg.eval_steps or cfg.save_steps)  # fmt: skip
+    return train, held_out
+
+
 def _trainer(
-    model: Any, args: TrainingArguments, tokenizer: Any, dataset: prepare.ListDataset, callbacks: list[Any]
+    model: Any, args: TrainingArguments, tokenizer: Any, datasets: tuple[Any, Any], callbacks: list[Any]
 ) -> Trainer:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=dataset,
+        train_dataset=datasets[0],
+        eval_dataset=datasets[1],
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -168,7 +221,7 @@ def _agreed_start(ckpt_dir: str, resume_from: str | None, is_main: bool) -> tupl
 
 
 def _finish_if_complete(
-    resume: ckpts.Checkpoint, cfg: c.TrainerConfig, is_main: bool, report: Any, metrics: Any
+    resume: ckpts.Checkpoint, cfg: c.TrainerConfig, model_path: str, is_main: bool, report: Any, metrics: Any
 ) -> tuple[str, str] | None:
     """The outcome when ``resume`` already reached the run's total steps, else None.
 
@@ -185,7 +238,8 @@ def _finish_if_complete(
         ckpts.publish_adapter(resume.path, cfg.output_dir)
         LOG.info("checkpoint %s is already at step %d of %d: nothing to train", resume.path, resume.step, done)
     _teardown()
-    return c.OUTCOME_COMPLETED, f"already complete at step {resume.step}/{done}; adapter in {cfg.output_dir}"
+    merged = _merge_if_asked(cfg, model_path, is_main)
+    return c.OUTCOME_COMPLETED, f"already complete at step {resume.step}/{done}; adapter in {cfg.output_dir}{merged}"
 
 
 # -- the outcome -----------------------------------------------------------------------------
@@ -221,7 +275,7 @@ def _stopped(state: Any, report: Any, is_main: bool) -> tuple[str, str]:
 
 
 def _completed(
-    trainer: Trainer, cfg: c.TrainerConfig, report: Any, is_main: bool, started: tuple[float, float]
+    trainer: Trainer, cfg: c.TrainerConfig, model_path: str, report: Any, is_main: bool, started: tuple[float, float]
 ) -> tuple[str, str]:
     """Trained to the end: save the adapter; ``started`` is (run start, training start)."""
     state = trainer.state
@@ -230,6 +284,7 @@ def _completed(
         ckpts.make_world_readable(cfg.output_dir)  # docs/TRAINER.md pitfall 7
     report.refresh_checkpoint()
     _teardown()
+    merged = _merge_if_asked(cfg, model_path, is_main)
     if is_main:
         now = time.perf_counter()
         LOG.info(
@@ -241,8 +296,17 @@ def _completed(
         )
     return (
         c.OUTCOME_COMPLETED,
-        f"completed {state.global_step}/{state.max_steps} steps; adapter in {cfg.output_dir}{_notes(report)}",
+        f"completed {state.global_step}/{state.max_steps} steps; adapter in {cfg.output_dir}{merged}{_notes(report)}",
     )
+
+
+def _merge_if_asked(cfg: c.TrainerConfig, model_path: str, is_main: bool) -> str:
+    """FT_MERGE on rank 0, after the process group is gone (no peer waits on it); a message suffix."""
+    if not (cfg.merge and is_main):
+        return ""
+    from .merge import merge_adapter
+
+    return f"; merged model in {merge_adapter(cfg, model_path, prepare.precision(cfg)[0])}"
 
 
 # A rank that is gone must not hold the others in the teardown barrier for the process

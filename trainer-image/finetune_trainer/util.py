@@ -69,6 +69,8 @@ def setup_logging(rank: int = 0) -> None:
     root.setLevel(logging.INFO)
     root.propagate = False
     root._ft_configured = True  # type: ignore[attr-defined]
+    # bitsandbytes warns about an optional CPU kernel package on every import (docs/TRAINER.md pitfall 11)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def env_rank() -> int:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import finetune_contract as c
 
 from . import checkpoints as ckpts
+from . import data
 from .stop import PreemptedBeforeTraining, StopDeadline, StopSignal
 from .util import LOG, env_rank, setup_logging
 
@@ -185,35 +186,40 @@ def _attempt(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSigna
 
 def _checked_training(cfg: c.TrainerConfig, rank: int, report: Report, stopper: StopSignal) -> tuple[str, str]:
     """Cheap checks, then the training run with rank 0's metrics server around it."""
-    model_path, examples = _check(cfg, rank)
+    model_path, prepared = _check(cfg, rank)
     metrics = _new_metrics(cfg) if rank == 0 else None
     try:
         if metrics is not None:
-            port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.output_dir)
+            port = metrics.serve(cfg.metrics_port, cfg.metrics_addr, port_file_dir=cfg.work_dir)
             LOG.info("metrics on http://%s:%d%s", cfg.metrics_addr, port, c.METRICS_PATH)
         from . import training  # torch, transformers, peft: only after the cheap checks
 
-        return training.train(cfg, model_path, examples, stopper, report, metrics)
+        return training.train(cfg, model_path, prepared, stopper, report, metrics)
     finally:
         if metrics is not None:
             metrics.close(wait=False)
 
 
-def _check(cfg: c.TrainerConfig, rank: int) -> tuple[str, list[str] | list[tuple[str, str]]]:
-    """Torch-free configuration checks; returns (model path, examples). Raises ConfigError."""
+def _check(cfg: c.TrainerConfig, rank: int) -> tuple[str, data.Prepared | None]:
+    """Torch-free configuration checks; returns (model path, rank 0's prepared dataset).
+
+    Only rank 0 reads the dataset (the others read its tokenized cache). Raises ConfigError.
+    """
     problems = cfg.problems()
     if problems:
         raise c.ConfigError("; ".join(problems))
-    from . import data
-
-    examples = data.load_examples(cfg)
+    data.dataset_files(cfg.dataset)
+    if cfg.eval_dataset:
+        data.dataset_files(cfg.eval_dataset)
     model_path = check_model_path(cfg.model)
     if cfg.resume_from:
         ckpts.explicit_start(cfg.resume_from)
-    if rank == 0:
-        check_writable_dir(cfg.output_dir, "output directory")
-        check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
-    return model_path, examples
+    if rank != 0:
+        return model_path, None
+    check_writable_dir(cfg.output_dir, "output directory")
+    check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
+    check_writable_dir(cfg.work_dir, "trainer work directory")
+    return model_path, data.prepare(cfg)
 
 
 def _new_metrics(cfg: c.TrainerConfig) -> TrainerMetrics:

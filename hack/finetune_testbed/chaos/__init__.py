@@ -9,6 +9,8 @@ GPU nodes under random faults, then invariants.
    fail       exits 1 after a few seconds on every attempt (backoffLimit 0-2);
    run        runs until something stops it;
    evict      is evicted by its kubelet after a few seconds on every attempt (maxResumes 1-2).
+   Every third job is a 2-pod gang (spec.workers: 2); in their `fail` and `evict` jobs
+   one rank (sim.finetune.dev/outcome-rank) fails or is evicted, the other keeps running.
    Half of the jobs take 1-6 s to exit after SIGTERM (a trainer saving its checkpoint;
    kwok runs a copy of stages.yaml whose pod-terminate stage reads
    sim.finetune.dev/terminate-after), so a replaced attempt's pod lingers.
@@ -20,8 +22,11 @@ GPU nodes under random faults, then invariants.
 4. Faults stop, everything is recovered, and the run waits (with a deadline) until the
    statuses stop changing and match the pods; then checks the invariants:
    - no job lost: every created job exists and has a status;
-   - never two live pods of one job at once (checked on every pod watch event);
-   - status matches the pods (Running has its live pod, finished jobs have none, ...);
+   - never pods of two attempts of one job live at once (from every pod watch event);
+   - no attempt with a partial gang left running: once a job's status says an attempt
+     concluded (Resuming/Failed/Succeeded/Suspended), each of its pods is asked to stop within
+     30 s and has ended within 60 s (invariants.STOP_GRACE_SECONDS, END_GRACE_SECONDS);
+   - status matches the pods (Running has every rank's pod Running, finished jobs have none, ...);
    - every job at rest: finished, Running with its pod, or waiting with a reason;
    - each ended attempt counted exactly once: failures + resumes == attempts concluded,
      restarts == failures + resumes;

@@ -32,6 +32,14 @@ def attempt_of(pod: dict) -> int:
         return 0
 
 
+def rank_of(pod: dict) -> int:
+    """The pod's rank in its attempt's gang (a single-node job's pod has no rank label: 0)."""
+    try:
+        return int(pod["metadata"]["labels"].get("finetune.dev/rank", 0))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 0
+
+
 def exit_code_of(pod: dict) -> int | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")

@@ -43,7 +43,7 @@ class Chaos:
         self.plans = {p.name: p for p in plans}
         self.kube = Kube(cluster.kubeconfig)
         self.pods = PodTracker(cluster.kubeconfig, namespace)
-        self.jobs = JobTracker(cluster.kubeconfig, namespace)
+        self.jobs = JobTracker(cluster.kubeconfig, namespace, t0=self.pods.t0)  # one clock for both
         self.operator = OperatorProcess(cluster.kubeconfig, log_dir, name="chaos-operator",
                                         args=FAST_ARGS + ["--namespace", namespace])
         self.t0 = time.monotonic()

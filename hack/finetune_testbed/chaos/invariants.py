@@ -5,10 +5,11 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from .common import attempt_of, disrupted_pod, exit_code_of, pod_live, pods_by_job
+from .common import attempt_of, disrupted_pod, exit_code_of, pod_live, pods_by_job, rank_of
 from .plans import JobPlan
 
 TERMINAL = ("Succeeded", "Failed")
@@ -26,35 +27,60 @@ def consistency_problems(job: dict, pods: list[dict]) -> list[str]:
     name = job["metadata"]["name"]
     if not phase:
         return ["no status.phase"]
-    out = _phase_problems(name, phase, attempt, pods)
+    out = _phase_problems(name, phase, attempt, workers_of(job), pods)
     future = [p["metadata"]["name"] for p in pods if attempt_of(p) > attempt]
     if future:
         out.append(f"pods of later attempts than status.attempt={attempt}: {future}")
     return out + _counting_problems(status)
 
 
-def _phase_problems(name: str, phase: str, attempt: int, pods: list[dict]) -> list[str]:
-    """The phase against the live pods and the current attempt's pod."""
+def workers_of(job: dict) -> int:
+    return int((job.get("spec") or {}).get("workers") or 1)
+
+
+def gang_pod_name(name: str, attempt: int, rank: int, workers: int) -> str:
+    """The operator's pod names: <job>-<attempt>, or <job>-<attempt>-<rank> in a gang."""
+    return f"{name}-{attempt}" if workers == 1 else f"{name}-{attempt}-{rank}"
+
+
+def _phase_problems(name: str, phase: str, attempt: int, workers: int, pods: list[dict]) -> list[str]:
+    """The phase against the live pods and the current attempt's gang (one pod per rank)."""
     out = []
     live = [p for p in pods if pod_live(p)]
-    current = next((p for p in pods if p["metadata"]["name"] == f"{name}-{attempt}"), None)
-    cur_phase = (current or {}).get("status", {}).get("phase")
-    deleting = current is not None and current["metadata"].get("deletionTimestamp")
+    gang = {rank_of(p): p for p in pods if attempt_of(p) == attempt}
+    states = {r: _pod_state(gang.get(r)) for r in range(workers)}
+    label = {r: gang_pod_name(name, attempt, r, workers) for r in range(workers)}
     if phase in TERMINAL and live:
         out.append(f"{phase} but pods still live: {[p['metadata']['name'] for p in live]}")
     if phase == "Running":
-        if current is None or cur_phase != "Running" or deleting:
-            state = "missing" if current is None else cur_phase + (" (deleting)" if deleting else "")
-            out.append(f"Running but pod {name}-{attempt} is {state}")
-        elif len(live) > 1:
-            out.append(f"Running with extra live pods {[p['metadata']['name'] for p in live]}")
-    if phase == "Starting" and (current is None or cur_phase != "Pending"):
-        out.append(f"Starting but pod {name}-{attempt} is {cur_phase or 'missing'}")
-    if phase == "Queued" and current is not None and cur_phase != "Pending":
-        out.append(f"Queued but pod {name}-{attempt} is {cur_phase}")
-    if phase == "Resuming" and cur_phase == "Running" and not deleting:
-        out.append(f"Resuming but pod {name}-{attempt} is Running and not being stopped")
+        bad = [f"pod {label[r]} is {s}" for r, s in states.items() if s != "Running"]
+        if bad:
+            out.append("Running but " + ", ".join(bad))
+        elif len(live) > workers:
+            out.append(f"Running with extra live pods {sorted(p['metadata']['name'] for p in live)}")
+    # a gang is Starting/Queued while its slowest rank is: some rank still Pending
+    pending = [r for r, s in states.items() if s in ("Pending", "missing")]
+    if phase == "Starting" and not [r for r in pending if states[r] == "Pending"]:
+        out.append(f"Starting but {_listing(states, label)}")
+    if phase == "Queued" and gang and not pending:
+        out.append(f"Queued but {_listing(states, label)}")
+    if phase == "Resuming":
+        running = [label[r] for r, s in states.items() if s == "Running"]
+        if running:
+            out.append(f"Resuming but {', '.join(f'pod {n}' for n in running)} "
+                       f"{'is' if len(running) == 1 else 'are'} Running and not being stopped")
     return out
+
+
+def _pod_state(pod: dict | None) -> str:
+    if pod is None:
+        return "missing"
+    phase = (pod.get("status") or {}).get("phase") or "Unknown"
+    return phase + (" (deleting)" if pod["metadata"].get("deletionTimestamp") else "")
+
+
+def _listing(states: dict[int, str], label: dict[int, str]) -> str:
+    return ", ".join(f"pod {label[r]} is {s}" for r, s in states.items())
 
 
 def _counting_problems(status: dict) -> list[str]:
@@ -103,8 +129,10 @@ def will_finish_soon(plan: JobPlan, job: dict, pods: list[dict], slack: float = 
     status = job.get("status") or {}
     if plan.kind not in ("succeed", "fail", "evict") or status.get("phase") != "Running":
         return False
-    current = next((p for p in pods if p["metadata"]["name"] == f"{plan.name}-{status.get('attempt')}"), None)
-    started = pod_started(current)
+    gang = [p for p in pods if attempt_of(p) == status.get("attempt")]
+    # a gang's ranks each run for run_for from their own start: the last to start ends last
+    starts = [pod_started(p) for p in gang]
+    started = max((s for s in starts if s is not None), default=None)
     return started is not None and time.time() - started < (plan.run_for or 0) + slack
 
 
@@ -134,6 +162,10 @@ def outcome_problems(plan: JobPlan, job: dict, exit_faulted: set[int], nonzero: 
     if failures > len(real_failures):
         out.append(f"failures {failures} > attempts that were made to fail {sorted(real_failures)}")
     seen = nonzero & set(range(1, attempt + 1))
+    if status.get("phase") == "Succeeded":
+        # rank 0 exiting 0 is the job succeeding (docs/CONTRACTS.md "Gangs"): a peer's
+        # non-zero exit in that same attempt is not a failure of the job
+        seen.discard(attempt)
     if failures < len(seen) and not (status.get("phase") == "Failed" and failures > plan.backoff_limit):
         out.append(f"failures {failures} < attempts whose pods exited non-zero {sorted(seen)}")
     if plan.kind in ("succeed", "run", "evict") and not exit_faulted and failures:
@@ -198,8 +230,82 @@ def job_violations(plans: dict[str, JobPlan], jobs: dict[str, dict], pods: Itera
 
 
 def overlap_violations(overlaps: list[dict]) -> list[str]:
-    """The 'never two live pods of one job' breaches the pod watch saw."""
-    return [f"{o['job']}: two live pods at once at t={o['t']}s: {o['pods']}" for o in overlaps]
+    """The 'never pods of two attempts of one job live at once' breaches."""
+    return [f"{o['job']}: pods of two attempts live at once at t={o['t']}s: {o['pods']}" for o in overlaps]
+
+
+# --- gangs over time ------------------------------------------------------------------------------
+# A concluded attempt's pods must be stopped (deletion asked, or ended) this soon after its
+# job's status said so. The operator does it in its next reconcile; the bound leaves room for
+# the faults that delay one (operator SIGSTOP up to 8 s, SIGKILL + restart, an API server
+# outage of up to 6 s), not for a rank that is forgotten.
+STOP_GRACE_SECONDS = 30.0
+# ... and ended this soon: the stop grace, plus a trainer's checkpoint after SIGTERM (chaos
+# plans: up to 6 s), plus the operator's force-delete of a pod on a lost node (--node-lost-seconds 10).
+END_GRACE_SECONDS = 60.0
+CONCLUDED_PHASES = ("Resuming", "Failed", "Succeeded", "Suspended")
+
+
+@dataclass
+class PodSpan:
+    """One pod's life as a watch saw it (times from one monotonic clock): live from
+    `first_seen`, asked to stop at `stopping` (deletionTimestamp first seen), not live any
+    more at `ended` (a finished phase, or deleted)."""
+    job: str
+    attempt: int
+    name: str
+    first_seen: float
+    stopping: float | None = None
+    ended: float | None = None
+
+
+def lingering_gang_problems(concluded: dict[tuple[str, int], float], spans: Iterable[PodSpan], now: float,
+                            stop_grace: float = STOP_GRACE_SECONDS,
+                            end_grace: float = END_GRACE_SECONDS) -> list[str]:
+    """No attempt with a partial gang left running: once a job's status said attempt A
+    concluded (at concluded[(job, A)]), every pod of A is asked to stop within stop_grace and
+    has ended within end_grace (checked up to `now`, the end of the observation)."""
+    out = []
+    for span in spans:
+        t_done = concluded.get((span.job, span.attempt))
+        if t_done is None:
+            continue
+        since = max(t_done, span.first_seen)  # a pod made after the conclusion counts from its birth
+        # a pod that ended by itself and was deleted later (pod GC, a drain) stopped when it ended
+        stopped = min((x for x in (span.stopping, span.ended) if x is not None), default=None)
+        if _late(stopped, since + stop_grace, now):
+            out.append(f"{span.job}: attempt {span.attempt} concluded but pod {span.name} was "
+                       f"{_how_long(stopped, since, now)} without being stopped (bound {stop_grace:.0f}s)")
+        elif _late(span.ended, since + end_grace, now):
+            out.append(f"{span.job}: attempt {span.attempt} concluded but pod {span.name} was "
+                       f"{_how_long(span.ended, since, now)} before it ended (bound {end_grace:.0f}s)")
+    return out
+
+
+def _late(t: float | None, bound: float, now: float) -> bool:
+    return (t is None and now > bound) or (t is not None and t > bound)
+
+
+def _how_long(t: float | None, since: float, now: float) -> str:
+    return f"still live {now - since:.1f}s later" if t is None else f"live {t - since:.1f}s longer"
+
+
+def attempt_overlaps(spans: Iterable[PodSpan]) -> list[dict]:
+    """Moments when pods of two attempts of one job were live at once (live: from first_seen
+    until ended), one entry per pair of overlapping pods of different attempts."""
+    by_job: defaultdict[str, list[PodSpan]] = defaultdict(list)
+    for span in spans:
+        by_job[span.job].append(span)
+    out = []
+    for job, items in sorted(by_job.items()):
+        items.sort(key=lambda s: s.first_seen)
+        for i, a in enumerate(items):
+            for b in items[i + 1:]:
+                a_end = a.ended if a.ended is not None else float("inf")
+                if b.first_seen >= a_end or b.attempt == a.attempt:
+                    continue
+                out.append({"job": job, "pods": sorted([a.name, b.name]), "t": round(b.first_seen, 1)})
+    return out
 
 
 # --- Events -------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ from .. import cluster as cluster_mod
 from ..jobs import job_manifest, sim
 
 KINDS = (("succeed", 0.45), ("fail", 0.15), ("run", 0.25), ("evict", 0.15))
+# Every GANG_EVERY-th job is a 2-pod gang (spec.workers: 2), so even a small run has some. In a
+# gang's `fail` and `evict` jobs one rank (sim.finetune.dev/outcome-rank) meets the outcome and
+# the other keeps running until the operator stops the gang; in `succeed` jobs both ranks complete.
+GANG_EVERY = 3
 
 
 def chaos_stages(out: Path) -> Path:
@@ -37,15 +41,19 @@ class JobPlan:
     terminate_after: float | None = None
     backoff_limit: int = 3
     max_resumes: int = 1000
+    workers: int = 1
+    outcome_rank: int | None = None  # in a gang: the one rank that fails or is evicted
 
     def manifest(self) -> dict:
-        annotations = {"outcome": {"succeed": "succeed", "fail": "fail", "run": "run",
-                                   "evict": "evict"}[self.kind]}
+        annotations: dict[str, object] = {"outcome": {"succeed": "succeed", "fail": "fail", "run": "run",
+                                                      "evict": "evict"}[self.kind]}
+        if self.outcome_rank is not None:
+            annotations["outcome_rank"] = self.outcome_rank
         if self.run_for is not None:
             annotations["run_for"] = f"{int(self.run_for * 1000)}ms"
         if self.terminate_after is not None:
             annotations["terminate_after"] = f"{int(self.terminate_after * 1000)}ms"
-        return job_manifest(self.name, resources={"gpus": self.gpus},
+        return job_manifest(self.name, resources={"gpus": self.gpus}, workers=self.workers,
                             runPolicy={"backoffLimit": self.backoff_limit,
                                        "maxResumes": self.max_resumes},
                             template=sim(**annotations))
@@ -59,6 +67,10 @@ def plan_jobs(n: int, rng: random.Random, fault_seconds: float) -> list[JobPlan]
     for i in range(n):
         kind = rng.choices(kinds, weights)[0]
         plan = JobPlan(f"job-{i:04d}-{kind}", kind, rng.choice((1, 1, 2)))
+        if i % GANG_EVERY == GANG_EVERY - 1:
+            plan.workers = 2
+            if kind in ("fail", "evict"):
+                plan.outcome_rank = rng.choice((0, 1))
         if rng.random() < 0.5:
             plan.terminate_after = rng.uniform(1.0, 6.0)
         if kind == "succeed":

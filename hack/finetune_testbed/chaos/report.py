@@ -37,6 +37,8 @@ class Report:
     wall_seconds: float
     fault_log: list = field(default_factory=list)
     details: list = field(default_factory=list)
+    gang_jobs: int = 0
+    gang_attempts_concluded: int = 0  # attempts of gang jobs the partial-gang invariant judged
 
     def table(self) -> str:
         lines = [(f"chaos: {self.jobs} jobs on {self.nodes} nodes x 8 GPUs, faults for "
@@ -54,6 +56,8 @@ class Report:
             lines.append(f"  {phase:26s} {n:6d}  " + " ".join(
                 f"{self.phases_by_kind.get(phase, {}).get(k, 0):8d}" for k in kinds))
         lines.append(f"  {'total':26s} {sum(self.phases.values()):6d}")
+        lines.append(f"2-pod gangs: {self.gang_jobs} jobs, {self.gang_attempts_concluded} of their attempts "
+                     "concluded (each checked for ranks left running)")
         lines.append(f"pods seen: {self.pods_created}; operator SIGKILLs: {self.operator_kills}; "
                      f"Warning Events missing (lost with a killed operator): {self.missing_events}")
         lines.append("")

@@ -21,9 +21,11 @@ from .common import GROUP_PATH, MANAGED_PODS, NAMESPACE, log, pods_by_job
 from .faults import FAULT_WEIGHTS, Chaos
 from .invariants import (
     all_resting,
+    attempt_overlaps,
     event_problems,
     inconsistent_jobs,
     job_violations,
+    lingering_gang_problems,
     operator_tracebacks,
     overlap_violations,
     own_tracebacks,
@@ -68,7 +70,7 @@ class ChaosRun:
         self.rng = random.Random(self.seed)  # jobs first, then faults: a seed replays both
         self.t_start = time.monotonic()
         self.plans = plan_jobs(n_jobs, self.rng, fault_seconds)
-        self.gpus = sum(p.gpus for p in self.plans)
+        self.gpus = sum(p.gpus * p.workers for p in self.plans)
         self.nodes = max(3, math.ceil(self.gpus * 1.2 / 8))  # every job at once, plus 20 %
         self.rate = fault_rate or 1.0  # faults per second
         self.log_dir, self.weights, self.artifacts = log_dir, weights, artifacts
@@ -86,8 +88,9 @@ class ChaosRun:
         return self._chaos
 
     def start_cluster(self) -> None:
-        log(f"seed {self.seed}: {self.n_jobs} jobs ({dict(Counter(p.kind for p in self.plans))}), "
-            f"{self.gpus} GPUs on {self.nodes} nodes")
+        gangs = sum(1 for p in self.plans if p.workers > 1)
+        log(f"seed {self.seed}: {self.n_jobs} jobs ({dict(Counter(p.kind for p in self.plans))}; "
+            f"{gangs} of them 2-pod gangs), {self.gpus} GPUs on {self.nodes} nodes")
         cluster = LocalCluster(config=ClusterConfig(gpu_nodes=self.nodes, node_prefix="chaos-node"))
         stages, cluster_mod.STAGES = cluster_mod.STAGES, chaos_stages(
             cluster.workdir / "chaos-stages.yaml")  # read by kwok's command line in start()
@@ -152,7 +155,13 @@ class ChaosRun:
         violations, unexpected = job_violations(chaos.plans, jobs, pods, chaos.exit_faulted)
         by_job = pods_by_job(pods)
         details = [describe(n, jobs[n], by_job[n], chaos.faults + chaos.recoveries) for n in unexpected]
-        violations += overlap_violations(chaos.pods.overlaps)
+        history, conclusions = chaos.pods.history(), chaos.jobs.conclusions()
+        violations += overlap_violations(attempt_overlaps(history))
+        lingering = lingering_gang_problems(conclusions, history, chaos.pods.now())
+        violations += lingering
+        for job in sorted({v.split(":")[0] for v in lingering}):  # the histories behind them
+            details.append(f"  {job}: status {chaos.jobs.timeline.get(job)}"
+                           + "".join(f"\n    {s}" for s in history if s.job == job))
         if not settled:
             violations.append(f"did not settle within {self.settle_seconds:.0f}s after the last fault; "
                               f"inconsistent: {dict(list(problems.items())[:5])}")
@@ -175,6 +184,7 @@ class ChaosRun:
         ttc = max(0.0, last_inconsistent - t_fault) if settled else None
         ttq = max(0.0, last_change - t_fault)
         phases, phases_by_kind = phase_counts(jobs, chaos.plans)
+        gangs = {p.name for p in self.plans if p.workers > 1}
         return Report(
             jobs=self.n_jobs, nodes=self.nodes, seed=self.seed, fault_seconds=self.fault_seconds,
             faults=dict(Counter(f.kind for f in chaos.faults)),
@@ -186,8 +196,10 @@ class ChaosRun:
             settled=settled, violations=violations, missing_events=missing,
             operator_kills=chaos.killed_by_us, operator_tracebacks=tracebacks,
             pods_created=len(chaos.pods.seen),
-            overlaps=chaos.pods.overlaps, wall_seconds=time.monotonic() - self.t_start,
-            fault_log=[asdict(f) for f in chaos.faults + chaos.recoveries], details=details)
+            overlaps=attempt_overlaps(chaos.pods.history()), wall_seconds=time.monotonic() - self.t_start,
+            fault_log=[asdict(f) for f in chaos.faults + chaos.recoveries], details=details,
+            gang_jobs=len(gangs),
+            gang_attempts_concluded=sum(1 for job, _ in chaos.jobs.conclusions() if job in gangs))
 
     def teardown(self) -> None:
         if self._chaos is not None:

@@ -1,6 +1,7 @@
 """Watching the world: list+watch caches of the chaos namespace's pods and TrainingJobs.
-The pod cache checks 'never two live pods of one job' on every event, since a snapshot
-taken later would miss a short overlap."""
+Both also keep a history (each pod's life, each attempt's conclusion) on one monotonic
+clock, since a snapshot taken later would miss a short overlap of two attempts or a rank
+left running for a while (invariants.attempt_overlaps, invariants.lingering_gang_problems)."""
 from __future__ import annotations
 
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from ..kuberaw import ApiError, Kube
 from .common import GROUP_PATH, MANAGED_PODS, attempt_of, disrupted_pod, exit_code_of, job_of, pod_live
+from .invariants import CONCLUDED_PHASES, PodSpan
 
 STATUS_KEYS = ("phase", "reason", "attempt", "failures", "resumes")
 
@@ -60,7 +62,9 @@ class Tracker(threading.Thread):
         with self.lock:
             old = self.items
             self.items = {o["metadata"]["name"]: o for o in listing.get("items", [])}
-            for name in set(old) | set(self.items):
+            # what ended in the gap first, what is new last: a history never shows a pod
+            # born in the gap as overlapping one that died in it
+            for name in sorted(set(old) | set(self.items), key=lambda n: (n in self.items, n not in old)):
                 if old.get(name) is not self.items.get(name):
                     self.on_change(name, old.get(name), self.items.get(name))
             self.on_relist()
@@ -96,55 +100,75 @@ class Tracker(threading.Thread):
 
 
 class PodTracker(Tracker):
-    """Pods of the operator; checks 'never two live pods for one job' on every change and
-    remembers how each pod ended (a pod that really exited non-zero)."""
+    """Pods of the operator; keeps each pod's life as a PodSpan (by uid) and remembers how
+    each pod ended (a pod that really exited non-zero)."""
 
     def __init__(self, kubeconfig: Path, namespace: str):
         super().__init__(kubeconfig, f"/api/v1/namespaces/{namespace}/pods",
                          {"labelSelector": MANAGED_PODS})
-        self.overlaps: list[dict] = []
-        self._overlap_keys: set = set()
+        self.spans: dict[str, PodSpan] = {}
         self.seen: set[str] = set()
         self.nonzero_exits: dict[str | None, set[int]] = defaultdict(set)  # job -> attempts
         self.t0 = time.monotonic()
 
-    def _check_job(self, job: str | None) -> None:
-        if not job:
+    def _record(self, old: dict | None, new: dict | None) -> None:
+        pod = new or old or {}
+        meta = pod.get("metadata") or {}
+        job, uid, now = job_of(pod), meta.get("uid"), time.monotonic() - self.t0
+        if not job or not uid:
             return
-        live = sorted(n for n, p in self.items.items() if job_of(p) == job and pod_live(p))
-        if len(live) > 1 and tuple(live) not in self._overlap_keys:
-            self._overlap_keys.add(tuple(live))
-            self.overlaps.append({"job": job, "pods": live,
-                                  "t": round(time.monotonic() - self.t0, 1)})
+        span = self.spans.get(uid)
+        if span is None:
+            if new is None or not pod_live(new):
+                return  # first seen already ended: it was never live in our history
+            span = self.spans[uid] = PodSpan(job, attempt_of(pod), meta["name"], now)
+        if new is not None and new["metadata"].get("deletionTimestamp") and span.stopping is None:
+            span.stopping = now
+        if (new is None or not pod_live(new)) and span.ended is None:
+            span.ended = now
+
+    def history(self) -> list[PodSpan]:
+        with self.lock:
+            return list(self.spans.values())
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
 
     def on_change(self, name: str, old: dict | None, new: dict | None) -> None:
-        pod = new or old or {}
         self.seen.add(name)
+        self._record(old, new)
         if new is not None and not pod_live(new):
             code = exit_code_of(new)
             # 143 is SIGTERM: a stopped pod, not a trainer that failed
             if code not in (None, 0, 143) and not disrupted_pod(new) \
                     and not new["metadata"].get("deletionTimestamp"):
                 self.nonzero_exits[job_of(new)].add(attempt_of(new))
-        self._check_job(job_of(pod))
-
-    def on_relist(self) -> None:
-        for job in {job_of(p) for p in self.items.values()}:
-            self._check_job(job)
 
 
 class JobTracker(Tracker):
     """TrainingJobs; remembers when any job's status (phase, reason, counters) last changed."""
 
-    def __init__(self, kubeconfig: Path, namespace: str):
+    def __init__(self, kubeconfig: Path, namespace: str, t0: float | None = None):
         super().__init__(kubeconfig, f"{GROUP_PATH}/namespaces/{namespace}/trainingjobs")
         self.last_change = time.monotonic()
         self.changes = 0
+        self.t0 = time.monotonic() if t0 is None else t0  # the PodTracker's clock
+        self.concluded: dict[tuple[str, int], float] = {}  # (job, attempt) -> first seen concluded
+        self.timeline: defaultdict[str, list[tuple]] = defaultdict(list)  # job -> (t, phase, attempt, reason)
 
     def on_change(self, name: str, old: dict | None, new: dict | None) -> None:
+        status = (new or {}).get("status") or {}
         if _status_key(old) != _status_key(new):
             self.last_change = time.monotonic()
             self.changes += 1
+            self.timeline[name].append((round(self.last_change - self.t0, 2), status.get("phase"),
+                                        status.get("attempt"), status.get("reason")))
+        if status.get("phase") in CONCLUDED_PHASES and status.get("attempt"):
+            self.concluded.setdefault((name, int(status["attempt"])), time.monotonic() - self.t0)
+
+    def conclusions(self) -> dict[tuple[str, int], float]:
+        with self.lock:
+            return dict(self.concluded)
 
 
 def _status_key(job: dict | None) -> tuple:

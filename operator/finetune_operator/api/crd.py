@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from .models import (
     API_VERSION,
     CATEGORIES,
+    DNS_LABEL_PATTERN,
     GROUP,
     KIND,
     MAX_JOB_NAME_LENGTH,
@@ -52,12 +53,6 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
     "image": [{"rule": "self.size() > 0", "message": "image must not be empty"}],
     "model": [{"rule": "self.size() > 0", "message": "model must not be empty (a hub id or an absolute path)"}],
     "dataset.path": [{"rule": "self.size() > 0", "message": "dataset.path must not be empty"}],
-    "workers": [
-        {
-            "rule": "self == 1",
-            "message": "multi-node training (workers > 1) is not supported yet; set workers: 1",
-        }
-    ],
     "hyperparameters": [
         {
             "rule": "has(self.maxSteps) || has(self.epochs)",
@@ -93,6 +88,12 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
             for field in RUN_CHECKPOINT_FIELDS
         ],
     ],
+    "": [
+        {
+            "rule": "!has(self.workloadPriorityClassName) || has(self.queueName)",
+            "message": "workloadPriorityClassName needs queueName: it is the priority of the job's Kueue Workloads",
+        }
+    ],
     "failurePolicy.rules[]": [
         {
             "rule": "has(self.onExitCodes) != has(self.onPodConditions)",
@@ -110,11 +111,18 @@ ROOT_RULES = [
     {
         "rule": f"self.metadata.name.size() <= {MAX_JOB_NAME_LENGTH}",
         "message": f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters (it becomes a pod label value)",
-    }
+    },
+    {
+        "rule": f"!has(self.spec) || !has(self.spec.workers) || self.spec.workers == 1 "
+        f"|| self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
+        "message": "with spec.workers > 1, metadata.name must be a DNS label (lowercase letters, digits and '-', "
+        "starting with a letter): it names the gang's headless Service",
+    },
 ]
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Ready", "type": "string", "jsonPath": ".status.ranks.display"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},

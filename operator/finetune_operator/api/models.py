@@ -5,7 +5,9 @@ them before acting, and `finetune_operator.api.crd` turns their JSON schema into
 structural OpenAPI schema. Field descriptions therefore double as `kubectl explain` text.
 
 Conventions: snake_case attributes, camelCase aliases (the YAML names); spec models forbid
-unknown fields; status models ignore them (an older or newer operator may have written extras).
+unknown fields (a typo in code fails loudly; `parsing.parse_spec` leaves out those of a newer
+CRD, which only version skew can deliver); status models ignore them (an older or newer
+operator may have written extras).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
-    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -43,17 +44,29 @@ CATEGORIES = ("training",)
 
 LABEL_JOB_NAME = "finetune.dev/job-name"
 LABEL_ATTEMPT = "finetune.dev/attempt"
+# Multi-node jobs (docs/CONTRACTS.md "Gangs"): the pod's node rank, and the attempt's gang as
+# one label value for a gang scheduler or Kueue pod group to select on.
+LABEL_RANK = "finetune.dev/rank"
+LABEL_POD_GROUP = "finetune.dev/pod-group"
+ANNOTATION_GANG_SIZE = "finetune.dev/gang-size"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "finetune-operator"
 TRAINER_CONTAINER = "trainer"
 METRICS_PORT = contract.DEFAULT_METRICS_PORT
 # Job names become a pod label value, which Kubernetes caps at 63 characters.
 MAX_JOB_NAME_LENGTH = 63
+# A Service name (RFC 1035 label): with workers > 1 the job's name names its headless Service.
+DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# LocalQueue and WorkloadPriorityClass names become pod label values (Kueue's labels), so they
+# must be object names (DNS subdomains) that fit a label value (63 characters).
+KUEUE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 # Spec fields (YAML names) that define a run: immutable once the job exists (CEL transition
 # rules), fingerprinted in status to catch an edit that bypassed them. Of checkpoint, only
 # its location and starting point; suspend, runPolicy, failurePolicy and template stay editable.
-RUN_FIELDS = ("image", "model", "dataset", "method", "lora", "hyperparameters", "resources", "workers")
+RUN_FIELDS = (
+    "image", "model", "dataset", "method", "lora", "hyperparameters", "resources", "workers", "trainingArguments",
+)
 RUN_CHECKPOINT_FIELDS = ("claimName", "mountPath", "resumeFrom")
 
 PHASES = ("Queued", "Starting", "Running", "Resuming", "Suspended", "Succeeded", "Failed")
@@ -62,6 +75,7 @@ TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 # Bounds status counters: a hand-written huge value is refused (and dropped when read back)
 # instead of overflowing int64 on the operator's next increment and wedging the job.
 MAX_ATTEMPTS = 1_000_000
+MAX_WORKERS = 1024
 
 # Kubernetes resource.Quantity, as accepted by the apiserver.
 QUANTITY_PATTERN = (
@@ -145,11 +159,26 @@ FreeForm = dict[str, Any]
 
 # --- spec -----------------------------------------------------------------------------------
 class Dataset(SpecModel):
-    """The training data: a JSONL file the trainer reads."""
+    """The training data: JSON Lines, JSON or Parquet files the trainer reads with HF datasets."""
 
     path: NonEmptyStr = Field(
         max_length=4096,
-        description="Path of the JSONL dataset inside the pod (typically on a mounted volume).",
+        description="Path of the dataset inside the pod (typically on a mounted volume): a .jsonl, .json or "
+        ".parquet file, or a directory of such files (one kind).",
+    )
+    format: Literal["text", "prompt-completion", "messages"] | None = Field(
+        None,
+        description="text: loss on every token of textField; prompt-completion: loss on the completion only; "
+        "messages: conversations rendered with the tokenizer's chat template, loss on the assistant turns only. "
+        "Unset: prompt-completion when promptField is set, else messages when the data has a messagesField "
+        "column and no textField column, else prompt-completion when it has prompt and completion columns "
+        "and no textField column, else text.",
+    )
+    messages_field: str = Field(
+        "messages",
+        min_length=1,
+        max_length=256,
+        description="Field holding a conversation: a list of {role, content} messages (format messages).",
     )
     text_field: str = Field(
         "text", min_length=1, max_length=256, description="JSON field holding the training text."
@@ -171,6 +200,8 @@ class Dataset(SpecModel):
     def _prompt_and_completion_together(self) -> Dataset:
         if (self.prompt_field is None) != (self.completion_field is None):
             raise ValueError("set promptField and completionField together (or neither, to train on textField)")
+        if self.prompt_field is not None and self.format in ("text", "messages"):
+            raise ValueError(f"promptField and completionField need format prompt-completion, not {self.format}")
         return self
 
 
@@ -203,6 +234,14 @@ class Hyperparameters(SpecModel):
     )
     sequence_length: int = Field(512, ge=2, le=1_048_576, description="Maximum tokens per example.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Random seed.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Training precision. auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU; "
+        "fp16 needs a GPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less GPU memory, slower steps."
+    )
 
     @model_validator(mode="after")
     def _needs_a_length(self) -> Hyperparameters:
@@ -259,6 +298,39 @@ class Checkpoint(SpecModel):
         if split is None or split[0] != self.claim_name:
             raise ValueError(f"resumeFrom must be on the job's claim: pvc://{self.claim_name}/<path>")
         return self
+
+
+class Evaluation(SpecModel):
+    """An eval split; its loss reaches status.progress.evalLoss and the trainer's metrics."""
+
+    fraction: float | None = Field(
+        None, gt=0, le=0.5, description="Hold out this fraction of the training data (a seeded, fixed split)."
+    )
+    path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="An eval dataset inside the pod, in the training data's format (file or directory).",
+    )
+    every_steps: int | None = Field(
+        None, ge=1, le=100_000_000, description="Evaluate every N steps and at the end; unset: checkpoint.everySteps."
+    )
+
+    @model_validator(mode="after")
+    def _one_split(self) -> Evaluation:
+        if (self.fraction is None) == (self.path is None):
+            raise ValueError("set exactly one of evaluation.fraction or evaluation.path")
+        return self
+
+
+class Output(SpecModel):
+    """What the trainer leaves in the job's output directory besides the adapter."""
+
+    merge: bool = Field(
+        False,
+        description="Also save the base model with the LoRA merged into its weights, under <output>/merged "
+        "(a full copy of the base model's size on the checkpoint volume).",
+    )
 
 
 class RunPolicy(SpecModel):
@@ -423,15 +495,45 @@ class TrainingJobSpec(SpecModel):
     image: NonEmptyStr = Field(max_length=1024, description="Trainer container image.")
     model: NonEmptyStr = Field(max_length=1024, description="Base model: a hub id or an absolute path on a volume.")
     dataset: Dataset = Field(description="Training data.")
-    method: Literal["LoRA"] = Field("LoRA", description="Fine-tuning method.")
+    method: Literal["LoRA", "QLoRA"] = Field(
+        "LoRA",
+        description="Fine-tuning method. QLoRA loads the base model in 4 bits (bitsandbytes NF4) and trains LoRA "
+        "on it: needs GPUs (resources.gpus >= 1); without one the trainer exits with a configuration error.",
+    )
     lora: LoRA = Field(default_factory=LoRA, description="LoRA settings.", json_schema_extra={"default": {}})
     hyperparameters: Hyperparameters = Field(description="Optimisation settings.")
+    training_arguments: FreeForm | None = Field(
+        None,
+        description="Passed through to Hugging Face TrainingArguments (transformers 5.x names), e.g. "
+        "{warmup_ratio: 0.03, lr_scheduler_type: cosine, weight_decay: 0.01, max_grad_norm: 1.0, "
+        "report_to: tensorboard}. Keys the operator sets (output_dir, save_steps, max_steps, learning_rate, "
+        "per_device_train_batch_size, ...: docs/CONTRACTS.md) are refused; unknown keys make the trainer "
+        "exit 78 naming the key.",
+    )
+
+    @model_validator(mode="after")
+    def _training_arguments_not_owned(self) -> TrainingJobSpec:
+        problems = contract.owned_training_argument_problems(self.training_arguments)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
     resources: Resources = Field(
         default_factory=Resources, description="Compute per worker.", json_schema_extra={"default": {}}
     )
-    workers: int = Field(1, ge=1, le=1024, description="Number of nodes. Only 1 is supported for now.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Number of nodes: one pod per node, each with resources.gpus GPUs, started and restarted "
+        "together (one gang per attempt). More than 1 needs a checkpoint claim every node can mount "
+        "(ReadWriteMany) and a job name that is a DNS label (it names the headless Service).",
+    )
     checkpoint: Checkpoint = Field(
         default_factory=Checkpoint, description="Checkpoint storage.", json_schema_extra={"default": {}}
+    )
+    evaluation: Evaluation | None = Field(None, description="An eval split and how often to evaluate it.")
+    output: Output = Field(
+        default_factory=Output, description="Extra outputs (a merged model).", json_schema_extra={"default": {}}
     )
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy, description="Retries, resumes and time limits.", json_schema_extra={"default": {}}
@@ -440,14 +542,29 @@ class TrainingJobSpec(SpecModel):
     suspend: bool = Field(
         False, description="True stops the pods (after a checkpoint) and frees the GPUs; false resumes."
     )
+    queue_name: str | None = Field(
+        None,
+        max_length=63,
+        pattern=KUEUE_NAME_PATTERN,
+        description="Kueue LocalQueue (in the job's namespace) that admits the job's pods: they wait, gated, "
+        "until Kueue admits them (phase Queued, reason QueuedByKueue); a Kueue preemption is an interruption "
+        "(reason Preempted). Needs Kueue with its pod integration; applies from the next attempt when edited.",
+    )
+    workload_priority_class_name: str | None = Field(
+        None,
+        max_length=63,
+        pattern=KUEUE_NAME_PATTERN,
+        description="Kueue WorkloadPriorityClass of the job's Workloads (their admission order and which "
+        "preempts which); only with queueName. Not template.priorityClassName, the pods' scheduling PriorityClass.",
+    )
     template: PodTemplate | None = Field(None, description="Pod-level overrides.")
 
-    @field_validator("workers")
-    @classmethod
-    def _single_node_only(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("multi-node training (workers > 1) is not supported yet; set workers: 1")
-        return value
+    @model_validator(mode="after")
+    def _priority_needs_queue(self) -> TrainingJobSpec:
+        if self.workload_priority_class_name is not None and self.queue_name is None:
+            raise ValueError("workloadPriorityClassName needs queueName: it is the priority of the job's "
+                             "Kueue Workloads")
+        return self
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -470,9 +587,20 @@ class Progress(StatusModel):
     epoch: float | None = Field(None, description="Fractional epoch.")
     loss: float | None = Field(None, description="Latest training loss.")
     tokens_per_second: float | None = Field(None, description="Recent training throughput.")
+    eval_loss: float | None = Field(
+        None, description="Loss on the eval split at the latest evaluation (spec.evaluation; absent without one)."
+    )
     display: str | None = Field(None, description="step/totalSteps, shown by kubectl get.")
     update_time: Timestamp | None = Field(None, description="When the operator last saw step advance.")
     heartbeat_time: Timestamp | None = Field(None, description="The trainer's last step-completion heartbeat.")
+
+
+class Ranks(StatusModel):
+    """The current attempt's gang: how many of its pods run their trainer."""
+
+    ready: int = Field(0, ge=0, le=MAX_WORKERS, description="Pods of the current attempt whose trainer is running.")
+    total: int = Field(1, ge=1, le=MAX_WORKERS, description="Pods in the gang (spec.workers).")
+    display: str | None = Field(None, max_length=16, description="ready/total, shown by kubectl get.")
 
 
 class CheckpointStatus(StatusModel):
@@ -504,15 +632,22 @@ class TrainingJobStatus(StatusModel):
     message: str | None = Field(None, description="One-line explanation of the current phase.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Admitted, Running, Progressing, Resumable, Suspended, Succeeded, Failed.",
+        description="Ready, Reconciling, Stalled (kstatus), Admitted, Running, Progressing, Resumable, Suspended, "
+        "Succeeded, Failed.",
     )
-    attempt: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Current attempt; its pod is <job>-<attempt>.")
+    attempt: int = Field(
+        0,
+        ge=0,
+        le=MAX_ATTEMPTS,
+        description="Current attempt; its pod is <job>-<attempt> (<job>-<attempt>-<rank> with workers > 1).",
+    )
     failures: int = Field(0, ge=0, le=MAX_ATTEMPTS, description="Attempts that failed (count against backoffLimit).")
     resumes: int = Field(
         0, ge=0, le=MAX_ATTEMPTS, description="Attempts that were interrupted (count against maxResumes)."
     )
     restarts: int = Field(0, ge=0, le=2 * MAX_ATTEMPTS, description="failures + resumes.")
     progress: Progress | None = Field(None, description="Training progress.")
+    ranks: Ranks | None = Field(None, description="Ready pods of the current attempt's gang.")
     checkpoint: CheckpointStatus | None = Field(None, description="Latest known checkpoint.")
     output_path: str | None = Field(
         None,

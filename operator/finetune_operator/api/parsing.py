@@ -64,14 +64,36 @@ def describe_validation_error(exc: ValidationError, root: str = "spec") -> tuple
 
 
 def parse_spec(raw: Any) -> TrainingJobSpec:
-    """Validate a spec from the API. Raises SpecError (only) when it cannot be acted on."""
+    """Validate a spec from the API. Raises SpecError (only) when it cannot be acted on.
+
+    Fields this operator's models do not know are left out, not refused: the API server has
+    already pruned whatever its CRD does not know, so such a field comes from a newer CRD than
+    this operator (the window of an upgrade or a rollback, when the API server also fills in the
+    newer CRD's defaults). Failing every job over it would stop their training."""
     if not isinstance(raw, Mapping):
         raise SpecError("spec: is missing or not an object", "spec")
-    try:
-        return TrainingJobSpec.model_validate(plain(raw))
-    except ValidationError as exc:
-        message, path = describe_validation_error(exc)
-        raise SpecError(message, path) from None
+    data = plain(raw)
+    while True:
+        try:
+            return TrainingJobSpec.model_validate(data)
+        except ValidationError as exc:
+            unknown = [tuple(e["loc"]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+            if not unknown or not all(_drop(data, loc) for loc in unknown):
+                message, path = describe_validation_error(exc)
+                raise SpecError(message, path) from None
+
+
+def _drop(data: Any, loc: tuple[Any, ...]) -> bool:
+    """Remove the value at `loc` (pydantic's error location); False when it is not there."""
+    for part in loc[:-1]:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(data, dict) and loc and loc[-1] in data:
+        del data[loc[-1]]
+        return True
+    return False
 
 
 def parse_status(raw: Any) -> TrainingJobStatus:

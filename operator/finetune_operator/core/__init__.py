@@ -1,6 +1,6 @@
 """The pure decision core: observations in, (status, actions, wake-up) out. No I/O, no clock."""
 
-from .actions import Action, CreatePod, Decision, DeleteJob, DeletePod, Event
+from .actions import Action, CreatePod, CreateService, Decision, DeleteJob, DeletePod, Event
 from .decide import decide
 from .job_facts import NodeFacts, UnreadyNodes, observe_job
 from .observation import (
@@ -11,6 +11,7 @@ from .observation import (
     PodCondition,
     PodObservation,
     ProgressSample,
+    pod_name,
 )
 from .pod_facts import counts_for, observe_pod, observe_pods, parse_time
 from .privileged import privileged_settings
@@ -24,6 +25,7 @@ __all__ = [
     "ContainerTerminated",
     "ContainerWaiting",
     "CreatePod",
+    "CreateService",
     "Decision",
     "DeleteJob",
     "DeletePod",
@@ -41,6 +43,7 @@ __all__ = [
     "observe_pod",
     "observe_pods",
     "parse_time",
+    "pod_name",
     "parse_trainer_metrics",
     "privileged_settings",
     "status_changed_materially",

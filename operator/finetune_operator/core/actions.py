@@ -10,9 +10,17 @@ from ..api.models import TrainingJobStatus
 
 @dataclass(frozen=True)
 class CreatePod:
-    """Create pod <job>-<attempt> (after writing the status). AlreadyExists means adopt it."""
+    """Create the pod of `rank` in attempt `attempt` (after writing the status). AlreadyExists
+    means adopt it."""
 
     attempt: int
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class CreateService:
+    """Create the job's headless Service (multi-node gangs find rank 0 through it); before the
+    pods. AlreadyExists means it is there."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class DeleteJob:
     reason: str = "TTLExpired"
 
 
-Action = CreatePod | DeletePod | Event | DeleteJob
+Action = CreatePod | CreateService | DeletePod | Event | DeleteJob
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Literal
 import finetune_contract as contract
 
 from ..api.models import FailurePolicyRule, TrainingJobSpec, TrainingJobStatus
+from . import kueue
 from .observation import Observation, PodObservation
 from .text import one_line
 from .timing import start_timeout_at
@@ -124,6 +125,9 @@ def stall_at(
 
 
 def _disruption(pod: PodObservation) -> tuple[str, str] | None:
+    stopped = kueue.termination_target(pod)  # Kueue evicted (preempted) the pod's Workload
+    if stopped is not None:
+        return stopped
     condition = pod.condition_true("DisruptionTarget")
     if condition is not None:
         reason = DISRUPTION_REASONS.get(condition.reason or "", "Disrupted")
@@ -207,6 +211,8 @@ def _is_ending(pod: PodObservation, obs: Observation) -> bool:
 
 def _in_flight(pod: PodObservation, obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> Outcome:
     if not pod.scheduled and pod.node_name is None:
+        if pod.gated:  # waiting for a queue (Kueue), not a node: never Starting, never timed out
+            return InFlight("Queued", *kueue.gate_message(pod, obs.queue_message))
         if pod.unschedulable_message:
             return InFlight("Queued", "Unschedulable", one_line(pod.unschedulable_message))
         return InFlight("Queued", "PodPending", f"pod {pod.name} is waiting to be scheduled")
@@ -225,7 +231,7 @@ def _in_flight(pod: PodObservation, obs: Observation, spec: TrainingJobSpec, sta
     reason = (waiting.reason if waiting else None) or "ContainerCreating"
     detail = one_line(waiting.message) if waiting and waiting.message else f"pod {pod.name} is starting"
     if reason in START_ERRORS:
-        timeout_at = start_timeout_at(spec, status)
+        timeout_at = start_timeout_at(spec, status, kueue.admitted_at([pod]))
         if timeout_at is not None and obs.now >= timeout_at:
             return Ended(
                 "fatal",

@@ -74,7 +74,48 @@ def wanted_conditions(status: TrainingJobStatus, spec: TrainingJobSpec | None) -
         if phase == "Failed"
         else Wanted("Failed", "False", phase)
     )
-    return [admitted, running, progressing, resumable, suspended, succeeded, failed]
+    return [*kstatus_conditions(status, spec),
+            admitted, running, progressing, resumable, suspended, succeeded, failed]
+
+
+# kstatus (Flux, kpt, cli-utils) reads Reconciling and Stalled ("abnormal-true") and, when
+# neither is True, Ready; the rules and what each phase maps to: docs/CONTRACTS.md,
+# "Conditions and kstatus".
+WORKING_PHASES = frozenset({"Queued", "Starting", "Resuming"})
+SETTLED_PHASES = frozenset({"Running", "Suspended", "Succeeded"})
+
+
+def kstatus_conditions(status: TrainingJobStatus, spec: TrainingJobSpec | None) -> list[Wanted]:
+    """Ready, Reconciling, Stalled: Ready once the job is where its spec asks it to be (training,
+    suspended, or done), Reconciling while the operator works towards that, Stalled when it failed."""
+    phase = status.phase or "Queued"
+    reason_or_phase = status.reason or phase
+    suspending = bool(spec is not None and spec.suspend and phase in ("Queued", "Starting", "Running", "Resuming"))
+    if suspending:
+        reconciling = Wanted("Reconciling", "True", "Suspending", "waiting for the pods to stop")
+    elif phase in WORKING_PHASES:
+        reconciling = Wanted("Reconciling", "True", reason_or_phase, status.message or f"the job is {phase}")
+    else:
+        reconciling = Wanted("Reconciling", "False", phase)
+    if phase in SETTLED_PHASES and not suspending:
+        ready = Wanted("Ready", "True", phase, _READY_MESSAGES[phase])
+    elif suspending:
+        ready = Wanted("Ready", "False", "Suspending", "waiting for the pods to stop")
+    else:
+        ready = Wanted("Ready", "False", reason_or_phase, status.message)
+    stalled = (
+        Wanted("Stalled", "True", reason_or_phase, status.message or "the job failed")
+        if phase == "Failed"
+        else Wanted("Stalled", "False", phase)
+    )
+    return [ready, reconciling, stalled]
+
+
+_READY_MESSAGES = {
+    "Running": "the trainer is running",
+    "Suspended": "suspended as spec.suspend asks",
+    "Succeeded": "training completed",
+}
 
 
 def merge_conditions(

@@ -12,13 +12,24 @@ in the same decision; the caller writes the status first, then creates the pod. 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from .. import storage
-from ..api.models import MAX_ATTEMPTS, TERMINAL_PHASES, Interruption, TrainingJobSpec, TrainingJobStatus
-from .actions import Action, CreatePod, Decision, DeleteJob, DeletePod, Event
+from ..api.models import (
+    DNS_LABEL_PATTERN,
+    MAX_ATTEMPTS,
+    TERMINAL_PHASES,
+    Interruption,
+    Ranks,
+    TrainingJobSpec,
+    TrainingJobStatus,
+)
+from . import kueue
+from .actions import Action, CreatePod, CreateService, Decision, DeleteJob, DeletePod, Event
 from .classify import Completed, Ended, InFlight, classify_pod, node_lost, node_lost_at, stall_at
 from .conditions import merge_conditions, wanted_conditions
+from .gang import STUCK_TERMINATING, classify_gang, gang, is_stuck, partial_gang_deadline, ready_ranks, stuck_since
 from .observation import Observation, PodObservation
 from .privileged import privileged_settings
 from .progress import final_progress, fold_progress, latest_checkpoint, running_checkpoint
@@ -35,26 +46,23 @@ Step = tuple[TrainingJobStatus, list[Action]]
 
 
 # --- small helpers --------------------------------------------------------------------------
-def current_pod(obs: Observation, attempt: int) -> PodObservation | None:
-    """The pod of this attempt; a replacement that is not being deleted wins over one that is."""
-    pods = [p for p in obs.pods if p.attempt == attempt]
-    if not pods:
-        return None
-    return max(pods, key=lambda p: (not p.deleting, p.creation_time or datetime.min.replace(tzinfo=obs.now.tzinfo)))
-
-
 def live_pods(obs: Observation, *, except_attempt: int | None = None) -> list[PodObservation]:
     return [p for p in obs.pods if p.live and p.attempt != except_attempt]
 
 
 def stop_pods(obs: Observation, pods: list[PodObservation], reason: str) -> list[Action]:
-    """Delete live pods. Pods on lost nodes are force-deleted: their kubelet will never confirm."""
+    """Delete live pods. Pods on lost nodes, and pods still terminating well past their grace
+    period, are force-deleted: nobody will confirm their end (gang.STUCK_TERMINATING_SECONDS)."""
     actions: list[Action] = []
     for pod in pods:
         if not pod.live:
             continue
         if node_lost(pod, obs):
             actions.append(DeletePod(pod.name, reason, grace_seconds=0, uid=pod.uid or None))
+        elif is_stuck(pod, obs):
+            # The I/O side posts the Warning Event when it forces the deletion (a decision
+            # repeats until the pod is gone; an Event here would too).
+            actions.append(DeletePod(pod.name, STUCK_TERMINATING, grace_seconds=0, uid=pod.uid or None))
         elif not pod.deleting:
             actions.append(DeletePod(pod.name, reason, uid=pod.uid or None))
     return actions
@@ -86,7 +94,7 @@ def _start_attempt(obs: Observation, status: TrainingJobStatus, attempt: int, wh
         status,
         phase="Queued",
         reason="CreatingPod",
-        message=f"attempt {attempt}: creating pod {obs.pod_name(attempt)} ({why}){resume_note}",
+        message=f"attempt {attempt}: creating {obs.gang_name(attempt)} ({why}){resume_note}",
         attempt=attempt,
         attempt_start_time=now,
         start_time=status.start_time or now,
@@ -95,22 +103,27 @@ def _start_attempt(obs: Observation, status: TrainingJobStatus, attempt: int, wh
 
 
 def _create_or_clear_the_way(obs: Observation, attempt: int) -> list[Action]:
-    """CreatePod only when no other attempt's pod is live: never two live attempts."""
+    """Create the attempt's missing pods, only when no other attempt's pod is live: never two
+    live attempts. A gang's Service comes first: its ranks look rank 0 up through it."""
     others = live_pods(obs, except_attempt=attempt)
     if others:
         return stop_pods(obs, others, "Superseded")
-    return [CreatePod(attempt)]
+    have = gang(obs, attempt)
+    creates: list[Action] = [CreatePod(attempt, rank) for rank in range(obs.workers) if rank not in have]
+    return ([CreateService()] if obs.workers > 1 and creates else []) + creates
 
 
 # --- the phases -----------------------------------------------------------------------------
-def _conclude(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus, ended: Ended) -> TrainingJobStatus:
-    """Count the end of the current attempt exactly once and pick Resuming or Failed."""
+def _conclude(
+    obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus, ended: Ended, pod: PodObservation | None
+) -> TrainingJobStatus:
+    """Count the end of the current attempt exactly once (a gang's too) and pick Resuming or Failed."""
     policy = spec.run_policy
     record = Interruption(
         reason=ended.reason,
         message=one_line(ended.message),
         exit_code=ended.exit_code,
-        pod=obs.pod_name(status.attempt),
+        pod=pod.name if pod is not None else obs.pod_name(status.attempt),
         attempt=status.attempt,
         time=_now(obs),
     )
@@ -149,25 +162,17 @@ def _conclude(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus
 
 
 def _in_flight(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> Step:
-    pod = current_pod(obs, status.attempt)
-    others = live_pods(obs, except_attempt=status.attempt)
-    actions = stop_pods(obs, others, "Superseded")
-    if pod is None:
-        if status.phase == "Queued":
-            # Written to status but not seen yet (or deleted before it ran): (re)create, idempotently.
-            return status, _create_or_clear_the_way(obs, status.attempt)
-        outcome: InFlight | Completed | Ended = Ended(
-            "interruption",
-            "PodDeleted",
-            f"pod {obs.pod_name(status.attempt)} disappeared while the attempt was {status.phase}",
-        )
-    else:
-        outcome = classify_pod(pod, obs, spec, status)
+    judged = classify_gang(obs, spec, status)
+    outcome, pod = judged.outcome, judged.pod
+    if judged.missing and isinstance(outcome, InFlight):
+        # Written to status but not seen yet (or deleted before it ran): (re)create, idempotently.
+        return status, _create_or_clear_the_way(obs, status.attempt)
+    actions = stop_pods(obs, live_pods(obs, except_attempt=status.attempt), "Superseded")
     if isinstance(outcome, InFlight):
         return _update(status, phase=outcome.phase, reason=outcome.reason, message=outcome.message), actions
     if isinstance(outcome, Completed):
         return _succeed(obs, status, pod), actions
-    return _conclude(obs, spec, status, outcome), actions
+    return _conclude(obs, spec, status, outcome, pod), actions
 
 
 def _succeed(obs: Observation, status: TrainingJobStatus, pod: PodObservation | None) -> TrainingJobStatus:
@@ -224,13 +229,13 @@ def _adopt_newer_attempt(obs: Observation, status: TrainingJobStatus) -> Trainin
     newest = max((p.attempt for p in obs.pods), default=0)
     if newest <= status.attempt:
         return None
-    pod = current_pod(obs, newest)
-    started = (pod.creation_time if pod else None) or _now(obs)
+    times = [p.creation_time for p in obs.pods if p.attempt == newest and p.creation_time]
+    started = min(times, default=None) or _now(obs)
     return _update(
         status,
         phase="Queued",
         reason="PodAdopted",
-        message=f"attempt {newest}: found pod {obs.pod_name(newest)}",
+        message=f"attempt {newest}: found {obs.gang_name(newest)}",
         attempt=newest,
         attempt_start_time=started.replace(microsecond=0),
         start_time=status.start_time or started.replace(microsecond=0),
@@ -242,14 +247,21 @@ def _create_refused(obs: Observation, status: TrainingJobStatus) -> Step | None:
     if obs.create_error is None or status.phase != "Queued":
         return None
     kind, detail = obs.create_error
-    pod = obs.pod_name(status.attempt)
+    pods = obs.gang_name(status.attempt)
     if kind == "rejected":
-        return _fail(obs, status, "PodRejected", f"the API server refused pod {pod}: {detail}"), []
+        return _fail(obs, status, "PodRejected", f"the API server refused {pods}: {detail}"), []
     if kind == "forbidden":  # admission (quota, PriorityClass, Pod Security): may clear later
-        reason, message = "PodForbidden", f"admission refused pod {pod} (retrying): {detail}"
+        reason, message = "PodForbidden", f"admission refused {pods} (retrying): {detail}"
+    elif kind == kueue.NOT_INSTALLED:  # no pod created: it would bypass the queue's quota
+        reason, message = kind, f"{detail}; no pod created until Kueue is installed (retrying)"
+    elif kind == "service-conflict":
+        reason = "ServiceNameConflict"
+        message = (f"Service {obs.job_name} exists but is not controlled by this job; the gang's pods find each "
+                   "other through it: delete or rename it to let the job start")
     else:
         reason = "PodNameConflict"
-        message = f"pod {pod} exists but is not controlled by this job ({detail}); delete it to let the job start"
+        which = pods if obs.workers == 1 else f"a pod of {pods}"
+        message = f"{which} exists but is not controlled by this job ({detail}); delete it to let the job start"
     if status.reason == reason:
         return status, []
     return (_update(status, reason=reason, message=message),
@@ -265,9 +277,10 @@ def _recover_phase(obs: Observation, status: TrainingJobStatus) -> Step:
 
 
 def _current_attempt_completed(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> bool:
+    """Rank 0 (global rank 0, which saves the adapter) completed: the job's work is done."""
     if status.phase not in IN_FLIGHT_PHASES:
         return False
-    pod = current_pod(obs, status.attempt)
+    pod = gang(obs, status.attempt).get(0)
     return pod is not None and isinstance(classify_pod(pod, obs, spec, status), Completed)
 
 
@@ -279,7 +292,11 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
         failed = _fail(obs, status, "InvalidSpec", obs.spec_error or "spec: missing")
         return failed, stop_pods(obs, live_pods(obs), "InvalidSpec")
     spec = obs.spec
-    if status.run_fingerprint is not None and status.run_fingerprint != obs.run_fingerprint:
+    if spec.workers > 1 and not re.match(DNS_LABEL_PATTERN, obs.job_name):
+        failed = _fail(obs, status, "InvalidSpec", f"spec.workers is {spec.workers}, so metadata.name must be a DNS "
+                       f"label (it names the gang's headless Service); {obs.job_name!r} is not")
+        return failed, stop_pods(obs, live_pods(obs), "InvalidSpec")
+    if status.run_fingerprint is not None and status.run_fingerprint not in obs.run_fingerprints:
         failed = _fail(
             obs,
             status,
@@ -368,14 +385,17 @@ def _wake_times(obs: Observation, status: TrainingJobStatus) -> list[datetime]:
     if status.phase == "Resuming":
         times.append(resume_at(spec, status))
     if status.phase in IN_FLIGHT_PHASES:
-        pod = current_pod(obs, status.attempt)
-        if pod is not None:
-            times.append(node_lost_at(pod, obs))
+        for rank, pod in gang(obs, status.attempt).items():
             if pod.waiting is not None:
-                times.append(start_timeout_at(spec, status))
-            times.append(stall_at(pod, obs, spec, status))
+                times.append(start_timeout_at(spec, status, kueue.admitted_at([pod])))
+            if rank == 0:  # progress (and with it a stall) is read from rank 0 only
+                times.append(stall_at(pod, obs, spec, status))
+        times.append(partial_gang_deadline(obs, spec, status))
+        if obs.workers > 1:
+            times.append(classify_gang(obs, spec, status).settle_until)
     for pod in live_pods(obs):
         times.append(node_lost_at(pod, obs))
+        times.append(stuck_since(pod))
     return [t for t in times if t is not None]
 
 
@@ -393,7 +413,15 @@ def _finish(obs: Observation, status: TrainingJobStatus) -> TrainingJobStatus:
         restarts=status.failures + status.resumes,
         conditions=conditions,
         observed_generation=obs.generation,
+        ranks=_ranks(obs, status),
     )
+
+
+def _ranks(obs: Observation, status: TrainingJobStatus) -> Ranks | None:
+    if obs.spec is None:
+        return status.ranks
+    ready = ready_ranks(obs, status.attempt) if status.attempt else 0
+    return Ranks(ready=ready, total=obs.workers, display=f"{ready}/{obs.workers}")
 
 
 def _fold_reports(obs: Observation, status: TrainingJobStatus) -> TrainingJobStatus:

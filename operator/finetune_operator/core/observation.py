@@ -9,7 +9,7 @@ from functools import cached_property
 from typing import Any, NamedTuple
 
 from ..api.models import TrainingJobSpec, TrainingJobStatus
-from .run_definition import run_fingerprint
+from .run_definition import legacy_run_fingerprint, run_fingerprint
 
 POD_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
@@ -49,12 +49,20 @@ class PodObservation:
 
     name: str
     attempt: int
+    rank: int = 0  # the pod's node rank in its attempt's gang (0 for single-node jobs)
     uid: str = ""
     phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
     deleting: bool = False  # metadata.deletionTimestamp is set
+    delete_by: datetime | None = None  # metadata.deletionTimestamp: when its grace period ends
     node_name: str | None = None
     scheduled: bool = False
     unschedulable_message: str | None = None
+    # Held back from scheduling by spec.schedulingGates (Kueue's admission gate until it
+    # admits the pod; core/kueue.py): such a pod waits for a queue, not for a node.
+    gated: bool = False
+    scheduling_gates: tuple[str, ...] = ()
+    queue_name: str | None = None  # label kueue.x-k8s.io/queue-name: Kueue manages the pod
+    scheduled_at: datetime | None = None  # PodScheduled=True since (its lastTransitionTime)
     conditions: tuple[PodCondition, ...] = ()
     pod_reason: str | None = None  # status.reason, e.g. Evicted
     pod_message: str | None = None
@@ -66,6 +74,11 @@ class PodObservation:
     def live(self) -> bool:
         """Not finished: it may still hold a GPU or write checkpoints (deleting pods included)."""
         return self.phase not in POD_TERMINAL_PHASES
+
+    @property
+    def ready(self) -> bool:
+        """Its trainer is running and the pod is not being stopped: a ready rank of the gang."""
+        return self.phase == "Running" and self.running is not None and not self.deleting
 
     @property
     def terminated(self) -> ContainerTerminated | None:
@@ -103,6 +116,7 @@ class ProgressSample:
     epoch: float | None = None
     loss: float | None = None
     tokens_per_second: float | None = None
+    eval_loss: float | None = None  # the latest evaluation's loss (NaN until the first one)
     heartbeat_time: datetime | None = None  # advances only when a step completes
     last_checkpoint_step: int | None = None  # the trainer's latest complete checkpoint
     # The trainer serves metrics but has completed no step yet (heartbeat 0): it is
@@ -139,8 +153,14 @@ class Observation:
     # What the API server said to this reconcile's CreatePod, when it refused it:
     # ("rejected", message) for an invalid pod (a permanent spec problem), ("forbidden",
     # message) when admission refused it (quota, PriorityClass, Pod Security: may clear), or
-    # ("conflict", message) when a pod by that name exists and the job does not control it.
+    # ("conflict", message) when a pod by that name exists and the job does not control it,
+    # ("service-conflict", message) when the gang's Service name is taken by another owner,
+    # ("KueueNotInstalled", message) when spec.queueName is set and Kueue's CRDs are missing.
     create_error: tuple[str, str] | None = None
+    # Kueue's own reason for not admitting the current attempt (its Workload's QuotaReserved=False
+    # message), read only while Kueue's admission gate holds the attempt's pods; None: not read,
+    # not written yet, or the read failed (core/kueue.py).
+    queue_message: str | None = None
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:
@@ -154,5 +174,27 @@ class Observation:
         on every transition it runs)."""
         return run_fingerprint(self.spec) if self.spec is not None else None
 
-    def pod_name(self, attempt: int) -> str:
-        return f"{self.job_name}-{attempt}"
+    @cached_property
+    def run_fingerprints(self) -> frozenset[str]:
+        """Fingerprints a status may hold for this spec: today's, or the one 0.1.0 wrote."""
+        if self.spec is None:
+            return frozenset()
+        return frozenset({run_fingerprint(self.spec), legacy_run_fingerprint(self.spec)})
+
+    @property
+    def workers(self) -> int:
+        return self.spec.workers if self.spec is not None else 1
+
+    def pod_name(self, attempt: int, rank: int = 0) -> str:
+        return pod_name(self.job_name, attempt, rank, self.workers)
+
+    def gang_name(self, attempt: int) -> str:
+        """How messages name the attempt's pods: the pod, or the gang's pods by rank."""
+        if self.workers == 1:
+            return f"pod {self.pod_name(attempt)}"
+        return f"pods {self.pod_name(attempt, 0)}..{self.pod_name(attempt, self.workers - 1)}"
+
+
+def pod_name(job_name: str, attempt: int, rank: int = 0, workers: int = 1) -> str:
+    """<job>-<attempt>, or <job>-<attempt>-<rank> for the pods of a multi-node gang."""
+    return f"{job_name}-{attempt}" if workers == 1 else f"{job_name}-{attempt}-{rank}"

@@ -8,7 +8,8 @@ from typing import Any
 
 from finetune_contract import parse_termination_message
 
-from ..api.models import LABEL_ATTEMPT, TRAINER_CONTAINER
+from ..api.models import LABEL_ATTEMPT, LABEL_RANK, TRAINER_CONTAINER
+from .kueue import LABEL_QUEUE_NAME
 from .observation import (
     ContainerRunning,
     ContainerState,
@@ -36,6 +37,10 @@ def _attempt(metadata: Mapping[str, Any]) -> int:
     raw = labels.get(LABEL_ATTEMPT)
     if raw is None:  # fall back to the <job>-<attempt> name
         raw = str(metadata.get("name", "")).rsplit("-", 1)[-1]
+    return _count(raw)
+
+
+def _count(raw: Any) -> int:
     try:
         return max(int(raw), 0)
     except (TypeError, ValueError):
@@ -67,6 +72,15 @@ def _container_state(statuses: list[Mapping[str, Any]]) -> tuple[ContainerState,
     return None, None
 
 
+def _scheduled_at(status: Mapping[str, Any]) -> datetime | None:
+    """When the pod was bound to its node: PodScheduled=True's lastTransitionTime (the
+    conditions parsed into PodCondition do not keep times)."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "True":
+            return parse_time(c.get("lastTransitionTime"))
+    return None
+
+
 def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -83,16 +97,30 @@ def observe_pod(pod: Mapping[str, Any]) -> PodObservation:
         and scheduled_condition.reason == "Unschedulable"
         else None
     )
+    gates = tuple(str(g.get("name", "")) for g in spec.get("schedulingGates") or [] if isinstance(g, Mapping))
+    # A gated pod reads PodScheduled=False, reason SchedulingGated (the scheduler's
+    # PreEnqueue); the gates in its spec say so before the scheduler has looked.
+    gated = bool(gates) or bool(
+        scheduled_condition
+        and scheduled_condition.status == "False"
+        and scheduled_condition.reason == "SchedulingGated"
+    )
     container, report = _container_state(list(status.get("containerStatuses") or []))
     return PodObservation(
         name=str(metadata.get("name", "")),
         attempt=_attempt(metadata),
+        rank=_count((metadata.get("labels") or {}).get(LABEL_RANK, 0)),
         uid=str(metadata.get("uid", "")),
         phase=str(status.get("phase") or "Pending"),
         deleting=metadata.get("deletionTimestamp") is not None,
+        delete_by=parse_time(metadata.get("deletionTimestamp")),
         node_name=spec.get("nodeName") or None,
         scheduled=bool(spec.get("nodeName")) or bool(scheduled_condition and scheduled_condition.status == "True"),
         unschedulable_message=unschedulable,
+        gated=gated and not spec.get("nodeName"),
+        scheduling_gates=gates,
+        queue_name=(metadata.get("labels") or {}).get(LABEL_QUEUE_NAME) or None,
+        scheduled_at=_scheduled_at(status),
         conditions=conditions,
         pod_reason=status.get("reason"),
         pod_message=status.get("message"),

@@ -38,6 +38,7 @@ def fold_progress(old: Progress | None, sample: ProgressSample, now: Any) -> Pro
         tokens_per_second=(
             _finite(sample.tokens_per_second, 1) if sample.tokens_per_second is not None else old.tokens_per_second
         ),
+        eval_loss=_finite(sample.eval_loss) if _finite(sample.eval_loss) is not None else old.eval_loss,
         display=display(step, total),
         update_time=now if stepped else old.update_time,
         heartbeat_time=sample.heartbeat_time or old.heartbeat_time,

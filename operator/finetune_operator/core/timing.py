@@ -36,10 +36,15 @@ def deadline_at(spec: TrainingJobSpec, status: TrainingJobStatus) -> datetime | 
     return status.start_time + timedelta(seconds=limit)
 
 
-def start_timeout_at(spec: TrainingJobSpec, status: TrainingJobStatus) -> datetime | None:
+def start_timeout_at(
+    spec: TrainingJobSpec, status: TrainingJobStatus, admitted_at: datetime | None = None
+) -> datetime | None:
+    """startTimeoutSeconds after the attempt started, or after Kueue admitted it when that is
+    later (core.kueue.admitted_at: the time a pod waits in a queue is not start-up time)."""
     if status.attempt_start_time is None:
         return None
-    return status.attempt_start_time + timedelta(seconds=spec.run_policy.start_timeout_seconds)
+    start = max(status.attempt_start_time, admitted_at) if admitted_at else status.attempt_start_time
+    return start + timedelta(seconds=spec.run_policy.start_timeout_seconds)
 
 
 def ttl_at(spec: TrainingJobSpec | None, status: TrainingJobStatus) -> datetime | None:

@@ -17,6 +17,7 @@ _METRICS = {  # the trainer contract's names (one definition, torch-free module)
     contract.METRIC_TOKENS_PER_SECOND: "tokens_per_second",
     contract.METRIC_HEARTBEAT: "heartbeat",
     contract.METRIC_LAST_CHECKPOINT_STEP: "last_checkpoint_step",
+    contract.METRIC_EVAL_LOSS: "eval_loss",
 }
 
 
@@ -49,6 +50,7 @@ def parse_trainer_metrics(text: str) -> ProgressSample | None:
         epoch=values.get("epoch"),
         loss=values.get("loss"),
         tokens_per_second=values.get("tokens_per_second"),
+        eval_loss=values.get("eval_loss"),
         last_checkpoint_step=integer("last_checkpoint_step") or None,
         loading=heartbeat == 0,
         heartbeat_time=(

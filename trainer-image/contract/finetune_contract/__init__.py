@@ -27,7 +27,18 @@ ENV_DATASET = "FT_DATASET"
 ENV_TEXT_FIELD = "FT_TEXT_FIELD"
 ENV_PROMPT_FIELD = "FT_PROMPT_FIELD"
 ENV_COMPLETION_FIELD = "FT_COMPLETION_FIELD"
+ENV_DATASET_FORMAT = "FT_DATASET_FORMAT"
+# A JSON object passed through to HF TrainingArguments (spec.trainingArguments).
+ENV_TRAINING_ARGUMENTS = "FT_TRAINING_ARGUMENTS"
+ENV_MESSAGES_FIELD = "FT_MESSAGES_FIELD"
+# An eval split: a dataset of its own, or a fraction held out of the training data (not both),
+# evaluated every FT_EVAL_STEPS steps (default FT_SAVE_STEPS) and at the end.
+ENV_EVAL_DATASET = "FT_EVAL_DATASET"
+ENV_EVAL_FRACTION = "FT_EVAL_FRACTION"
+ENV_EVAL_STEPS = "FT_EVAL_STEPS"
 ENV_OUTPUT_DIR = "FT_OUTPUT_DIR"
+# true: also save the base model with the LoRA merged into it, under <FT_OUTPUT_DIR>/merged.
+ENV_MERGE = "FT_MERGE"
 ENV_CHECKPOINT_DIR = "FT_CHECKPOINT_DIR"
 ENV_SAVE_STEPS = "FT_SAVE_STEPS"
 ENV_SAVE_TOTAL_LIMIT = "FT_SAVE_TOTAL_LIMIT"
@@ -42,6 +53,11 @@ ENV_LORA_R = "FT_LORA_R"
 ENV_LORA_ALPHA = "FT_LORA_ALPHA"
 ENV_LORA_DROPOUT = "FT_LORA_DROPOUT"
 ENV_LORA_TARGET_MODULES = "FT_LORA_TARGET_MODULES"
+# Memory: lora | qlora (a 4-bit base via bitsandbytes; needs a CUDA GPU), the precision,
+# gradient checkpointing (docs/TRAINER.md "Memory").
+ENV_METHOD = "FT_METHOD"
+ENV_PRECISION = "FT_PRECISION"
+ENV_GRADIENT_CHECKPOINTING = "FT_GRADIENT_CHECKPOINTING"
 ENV_METRICS_PORT = "FT_METRICS_PORT"
 ENV_METRICS_ADDR = "FT_METRICS_ADDR"
 ENV_TERMINATION_LOG = "FT_TERMINATION_LOG"
@@ -59,6 +75,22 @@ ENV_STOP_TIMEOUT = "FT_STOP_TIMEOUT_SECONDS"
 # termination message, so the launcher can report the rank that failed first.
 ENV_LAUNCHER_PID = "FT_LAUNCHER_PID"
 ENV_RANK_REPORT_DIR = "FT_RANK_REPORT_DIR"
+
+# Multi-node jobs (one pod per node, docs/CONTRACTS.md "Gangs"): torchrun's own options as
+# its PET_* variables. Static rendezvous on rank 0's TCP store: the pod of rank r is node r,
+# so global rank 0 (checkpoints, adapter, metrics) always runs in the pod of rank 0.
+ENV_NNODES = "PET_NNODES"
+ENV_NODE_RANK = "PET_NODE_RANK"
+ENV_MASTER_ADDR = "PET_MASTER_ADDR"
+ENV_MASTER_PORT = "PET_MASTER_PORT"
+DEFAULT_MASTER_PORT = 29500  # torchrun's default
+
+
+def gang_env(nodes: int, node_rank: int, master_addr: str, master_port: int = DEFAULT_MASTER_PORT) -> dict[str, str]:
+    """torchrun's rendezvous settings for the pod of `node_rank` in a gang of `nodes` pods."""
+    return {ENV_NNODES: str(nodes), ENV_NODE_RANK: str(node_rank), ENV_MASTER_ADDR: master_addr,
+            ENV_MASTER_PORT: str(master_port)}
+
 
 # Debug/test only (not part of the operator contract): sleep this many seconds after each
 # optimizer step, so tests can observe and interrupt a run of a tiny model.
@@ -112,6 +144,7 @@ METRIC_LOSS = "finetune_trainer_loss"
 METRIC_TOKENS_PER_SECOND = "finetune_trainer_tokens_per_second"
 METRIC_LAST_CHECKPOINT_STEP = "finetune_trainer_last_checkpoint_step"
 METRIC_HEARTBEAT = "finetune_trainer_heartbeat_timestamp_seconds"
+METRIC_EVAL_LOSS = "finetune_trainer_eval_loss"
 METRIC_NAMES = (
     METRIC_STEP,
     METRIC_TOTAL_STEPS,
@@ -120,6 +153,7 @@ METRIC_NAMES = (
     METRIC_TOKENS_PER_SECOND,
     METRIC_LAST_CHECKPOINT_STEP,
     METRIC_HEARTBEAT,
+    METRIC_EVAL_LOSS,
 )
 DEFAULT_METRICS_PORT = 9400
 METRICS_PATH = "/metrics"
@@ -133,6 +167,70 @@ def checkpoint_name(step: int) -> str:
 
 # Rank 0 writes the port it serves on here (useful with FT_METRICS_PORT=0).
 METRICS_PORT_FILE = "metrics-port"
+
+METHOD_LORA = "lora"
+METHOD_QLORA = "qlora"
+METHODS = (METHOD_LORA, METHOD_QLORA)
+# auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+# Where FT_MERGE puts the merged model, inside the output directory.
+MERGED_SUBDIR = "merged"
+
+# The trainer's own files (tokenized dataset cache, TensorBoard logs, the metrics-port file)
+# live in this subdirectory of the checkpoint directory, never next to the adapter.
+WORK_SUBDIR = "trainer"
+
+# TrainingArguments keys the operator and the trainer set themselves, with what sets them:
+# refused in spec.trainingArguments (by the API's validation and again by the trainer, exit 78).
+OWNED_TRAINING_ARGUMENTS = {
+    "output_dir": "the job's checkpoint directory",
+    "overwrite_output_dir": "the job's checkpoint directory",
+    "logging_dir": "the trainer (TensorBoard logs go under the checkpoint directory)",
+    "resume_from_checkpoint": "the trainer's checkpoint picker (spec.checkpoint.resumeFrom)",
+    "save_strategy": "spec.checkpoint.everySteps",
+    "save_steps": "spec.checkpoint.everySteps",
+    "save_total_limit": "spec.checkpoint.keep",
+    "save_on_each_node": "the trainer (rank 0 saves to the shared volume)",
+    "save_only_model": "the trainer (resuming needs the optimizer state)",
+    "enable_jit_checkpoint": "the trainer's SIGTERM handling",
+    "max_steps": "spec.hyperparameters.maxSteps",
+    "num_train_epochs": "spec.hyperparameters.epochs",
+    "per_device_train_batch_size": "spec.hyperparameters.batchSize",
+    "gradient_accumulation_steps": "spec.hyperparameters.gradientAccumulationSteps",
+    "learning_rate": "spec.hyperparameters.learningRate",
+    "seed": "spec.hyperparameters.seed",
+    "data_seed": "spec.hyperparameters.seed",
+    "logging_strategy": "the trainer (progress and metrics every step)",
+    "logging_steps": "the trainer (progress and metrics every step)",
+    "disable_tqdm": "the trainer (one log line per step)",
+    "include_num_input_tokens_seen": "the trainer (the tokens-per-second metric)",
+    "remove_unused_columns": "the trainer (its tokenized columns)",
+    "use_cpu": "the trainer (GPU when one is visible)",
+    "bf16": "spec.hyperparameters.precision",
+    "fp16": "spec.hyperparameters.precision",
+    "gradient_checkpointing": "spec.hyperparameters.gradientCheckpointing",
+    "eval_strategy": "spec.evaluation (evaluates when an eval split is set)",
+    "do_eval": "spec.evaluation (evaluates when an eval split is set)",
+    "eval_steps": "spec.evaluation.everySteps",
+    "push_to_hub": "the trainer (no push yet; the adapter is in the output directory)",
+}
+
+
+def owned_training_argument_problems(arguments: Mapping[str, Any] | None) -> list[str]:
+    """One line per key of ``arguments`` that the operator or trainer sets itself."""
+    return [
+        f"trainingArguments.{key} is set by {OWNED_TRAINING_ARGUMENTS[key]}, not in trainingArguments"
+        for key in sorted(arguments or {})
+        if key in OWNED_TRAINING_ARGUMENTS
+    ]
+
+
+# Dataset formats (FT_DATASET_FORMAT; unset: inferred, see docs/TRAINER.md "Data").
+FORMAT_TEXT = "text"
+FORMAT_PROMPT_COMPLETION = "prompt-completion"
+FORMAT_MESSAGES = "messages"
+DATASET_FORMATS = (FORMAT_TEXT, FORMAT_PROMPT_COMPLETION, FORMAT_MESSAGES)
 
 
 # SIGTERM → exit when FT_STOP_TIMEOUT_SECONDS is unset (a pod's default grace period is 30 s).
@@ -169,32 +267,94 @@ class TrainerConfig:
     ``stop_timeout`` bounds SIGTERM → exit, whatever blocks (a collective, a hung peer).
     """
 
-    model: str = _field(ENV_MODEL, "")
-    dataset: str = _field(ENV_DATASET, "")
-    text_field: str = _field(ENV_TEXT_FIELD, "text")
-    prompt_field: str | None = _field(ENV_PROMPT_FIELD, None)
-    completion_field: str | None = _field(ENV_COMPLETION_FIELD, None)
-    output_dir: str = _field(ENV_OUTPUT_DIR, "/checkpoints/output")
-    checkpoint_dir: str | None = _field(ENV_CHECKPOINT_DIR, None)
-    save_steps: int = _field(ENV_SAVE_STEPS, 100)
-    save_total_limit: int = _field(ENV_SAVE_TOTAL_LIMIT, 3)
-    max_steps: int | None = _field(ENV_MAX_STEPS, None)
-    epochs: float | None = _field(ENV_EPOCHS, None)
-    learning_rate: float = _field(ENV_LEARNING_RATE, 2e-4)
-    batch_size: int = _field(ENV_BATCH_SIZE, 8)
-    grad_accum: int = _field(ENV_GRAD_ACCUM, 1)
-    seq_len: int = _field(ENV_SEQ_LEN, 512)
-    seed: int = _field(ENV_SEED, 42)
-    lora_r: int = _field(ENV_LORA_R, 8)
-    lora_alpha: int = _field(ENV_LORA_ALPHA, 16)
-    lora_dropout: float = _field(ENV_LORA_DROPOUT, 0.05)
-    lora_target_modules: tuple[str, ...] = _field(ENV_LORA_TARGET_MODULES, ("q_proj", "v_proj"))
-    metrics_port: int = _field(ENV_METRICS_PORT, DEFAULT_METRICS_PORT)
-    metrics_addr: str = _field(ENV_METRICS_ADDR, "0.0.0.0")
-    termination_log: str = _field(ENV_TERMINATION_LOG, DEFAULT_TERMINATION_LOG)
-    nproc_per_node: int = _field(ENV_NPROC_PER_NODE, 1)
-    stop_timeout: int = _field(ENV_STOP_TIMEOUT, DEFAULT_STOP_TIMEOUT_SECONDS)
-    resume_from: str | None = _field(ENV_RESUME_FROM, None)
+    model: str = _field(ENV_MODEL, "", help="Base model: a local directory (with config.json) or a hub id.")
+    dataset: str = _field(
+        ENV_DATASET, "", help="Dataset: a .jsonl, .json or .parquet file, or a directory of files of one kind."
+    )
+    text_field: str = _field(ENV_TEXT_FIELD, "text", help="Field holding the text (format text).")
+    prompt_field: str | None = _field(
+        ENV_PROMPT_FIELD, None, help="Field holding the prompt (format prompt-completion; unset: 'prompt')."
+    )
+    completion_field: str | None = _field(
+        ENV_COMPLETION_FIELD,
+        None,
+        help="Field holding the completion (format prompt-completion; unset: 'completion').",
+    )
+    dataset_format: str | None = _field(
+        ENV_DATASET_FORMAT,
+        None,
+        help="text | prompt-completion | messages; unset: inferred from the fields and the data's columns.",
+    )
+    messages_field: str = _field(
+        ENV_MESSAGES_FIELD, "messages", help="Field holding a conversation: a list of {role, content} (messages)."
+    )
+    eval_dataset: str | None = _field(
+        ENV_EVAL_DATASET, None, help="Eval split: a dataset (file or directory) in the training data's format."
+    )
+    eval_fraction: float | None = _field(
+        ENV_EVAL_FRACTION, None, help="Eval split: this fraction (0 to 0.5) of the training data, held out."
+    )
+    eval_steps: int | None = _field(
+        ENV_EVAL_STEPS, None, help="Evaluate every N steps and at the end (with an eval split); unset: save-steps."
+    )
+    training_arguments: dict[str, Any] | None = _field(
+        ENV_TRAINING_ARGUMENTS,
+        None,
+        help="JSON object passed to HF TrainingArguments; keys the trainer sets are refused.",
+    )
+    output_dir: str = _field(ENV_OUTPUT_DIR, "/checkpoints/output", help="Where the final adapter is written.")
+    merge: bool = _field(
+        ENV_MERGE, False, help="Also save the base model with the adapter merged into it, under <output-dir>/merged."
+    )
+    checkpoint_dir: str | None = _field(
+        ENV_CHECKPOINT_DIR,
+        None,
+        help="Checkpoints and the trainer's own files (under trainer/); unset: <output-dir>/checkpoints.",
+    )
+    save_steps: int = _field(ENV_SAVE_STEPS, 100, help="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int = _field(ENV_SAVE_TOTAL_LIMIT, 3, help="Checkpoints kept; 0 keeps every one.")
+    max_steps: int | None = _field(ENV_MAX_STEPS, None, help="Total optimizer steps (wins over epochs).")
+    epochs: float | None = _field(
+        ENV_EPOCHS, None, help="Passes over the dataset when max-steps is unset; neither set: one epoch."
+    )
+    learning_rate: float = _field(ENV_LEARNING_RATE, 2e-4, help="Peak learning rate.")
+    batch_size: int = _field(ENV_BATCH_SIZE, 8, help="Examples per process (per GPU) per micro-batch.")
+    grad_accum: int = _field(ENV_GRAD_ACCUM, 1, help="Micro-batches accumulated per optimizer step.")
+    seq_len: int = _field(ENV_SEQ_LEN, 512, help="Maximum tokens per example (longer ones are truncated).")
+    seed: int = _field(ENV_SEED, 42, help="Random seed (also the data order's seed).")
+    lora_r: int = _field(ENV_LORA_R, 8, help="LoRA rank.")
+    lora_alpha: int = _field(ENV_LORA_ALPHA, 16, help="LoRA scaling factor.")
+    lora_dropout: float = _field(ENV_LORA_DROPOUT, 0.05, help="Dropout on the LoRA layers, in [0, 1).")
+    lora_target_modules: tuple[str, ...] = _field(
+        ENV_LORA_TARGET_MODULES, ("q_proj", "v_proj"), help="Modules to adapt, comma separated, or all-linear."
+    )
+    method: str = _field(
+        ENV_METHOD, METHOD_LORA, help="lora, or qlora: the base model loaded in 4 bits (bitsandbytes; CUDA only)."
+    )
+    precision: str = _field(
+        ENV_PRECISION,
+        "auto",
+        help="auto | bf16 | fp16 | fp32; auto: bf16 where supported, fp16 on older GPUs, fp32 on CPU.",
+    )
+    gradient_checkpointing: bool = _field(
+        ENV_GRADIENT_CHECKPOINTING, False, help="Recompute activations in the backward pass: less memory, slower steps."
+    )
+    metrics_port: int = _field(
+        ENV_METRICS_PORT, DEFAULT_METRICS_PORT, help="Prometheus /metrics port on rank 0; 0 picks a free one."
+    )
+    metrics_addr: str = _field(ENV_METRICS_ADDR, "0.0.0.0", help="Address the metrics server listens on.")
+    termination_log: str = _field(
+        ENV_TERMINATION_LOG, DEFAULT_TERMINATION_LOG, help="File the JSON termination message is written to."
+    )
+    nproc_per_node: int = _field(
+        ENV_NPROC_PER_NODE, 1, help="Processes per node (torchrun when > 1); auto (0): one per visible GPU."
+    )
+    stop_timeout: int = _field(
+        ENV_STOP_TIMEOUT, DEFAULT_STOP_TIMEOUT_SECONDS, help="Seconds from SIGTERM to the trainer's own exit."
+    )
+    resume_from: str | None = _field(
+        ENV_RESUME_FROM, None, help="A complete checkpoint to start from while the checkpoint dir has none."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_target_modules, str):
@@ -206,6 +366,15 @@ class TrainerConfig:
     @property
     def effective_checkpoint_dir(self) -> str:
         return self.checkpoint_dir or os.path.join(self.output_dir, "checkpoints")
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_dataset) or self.eval_fraction is not None
+
+    @property
+    def work_dir(self) -> str:
+        """The trainer's own files: dataset cache, TensorBoard logs, metrics-port."""
+        return os.path.join(self.effective_checkpoint_dir, WORK_SUBDIR)
 
     # -- env round trip -----------------------------------------------------------------
     def to_env(self) -> dict[str, str]:
@@ -251,6 +420,24 @@ class TrainerConfig:
             p.append(f"{ENV_PROMPT_FIELD} and {ENV_COMPLETION_FIELD} must be set together")
         if not self.prompt_field and not self.text_field:
             p.append(f"{ENV_TEXT_FIELD} is empty")
+        if self.dataset_format is not None and self.dataset_format not in DATASET_FORMATS:
+            formats = ", ".join(DATASET_FORMATS)
+            p.append(f"{ENV_DATASET_FORMAT} must be one of {formats}, got {self.dataset_format!r}")
+        if self.prompt_field and self.dataset_format in (FORMAT_TEXT, FORMAT_MESSAGES):
+            p.append(f"{ENV_PROMPT_FIELD}/{ENV_COMPLETION_FIELD} apply only to {ENV_DATASET_FORMAT}=prompt-completion")
+        if not self.messages_field:
+            p.append(f"{ENV_MESSAGES_FIELD} is empty")
+        p.extend(owned_training_argument_problems(self.training_arguments))
+        if self.eval_dataset and self.eval_fraction is not None:
+            p.append(f"set {ENV_EVAL_DATASET} or {ENV_EVAL_FRACTION}, not both")
+        if self.eval_fraction is not None and not (0 < self.eval_fraction <= 0.5):
+            p.append(f"{ENV_EVAL_FRACTION} must be in (0, 0.5], got {self.eval_fraction}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            p.append(f"{ENV_EVAL_STEPS} must be >= 1, got {self.eval_steps}")
+        if self.method not in METHODS:
+            p.append(f"{ENV_METHOD} must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            p.append(f"{ENV_PRECISION} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name, minimum in (
             ("save_steps", 1),
             ("batch_size", 1),
@@ -291,6 +478,10 @@ def _split_modules(raw: str) -> tuple[str, ...]:
 
 
 def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
     if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value)
     if isinstance(value, float):
@@ -310,13 +501,43 @@ _INT_FIELDS = {
     "lora_alpha",
     "metrics_port",
     "stop_timeout",
+    "eval_steps",
 }
-_FLOAT_FIELDS = {"epochs", "learning_rate", "lora_dropout"}
+_FLOAT_FIELDS = {"epochs", "learning_rate", "lora_dropout", "eval_fraction"}
+_BOOL_FIELDS = {"merge", "gradient_checkpointing"}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def field_type(name: str) -> str:
+    """How a field's value is written on the command line or in its variable (for --help)."""
+    if name in _INT_FIELDS:
+        return "int"
+    if name in _FLOAT_FIELDS:
+        return "float"
+    if name in _BOOL_FIELDS:
+        return "bool"
+    return {"nproc_per_node": "int or auto", "lora_target_modules": "list", "training_arguments": "JSON"}.get(
+        name, "str"
+    )
+
+
+def field_default(name: str) -> str:
+    """A field's default as --help shows it."""
+    for f in dataclasses.fields(TrainerConfig):
+        if f.name == name:
+            return "unset" if f.default is None else (_format(f.default) or '""')
+    raise KeyError(name)
 
 
 def parse_field(name: str, raw: str) -> Any:
     """Parse one field's string value (from env or CLI); ConfigError on bad input."""
     raw = raw.strip()
+    if name == "training_arguments":
+        return _json_object(name, raw)
+    if name in _BOOL_FIELDS:
+        if raw.lower() not in _BOOLS:
+            raise ConfigError(f"{_env_of(name)} must be true or false, got {raw!r}")
+        return _BOOLS[raw.lower()]
     try:
         if name in _INT_FIELDS:
             return int(raw)
@@ -330,6 +551,16 @@ def parse_field(name: str, raw: str) -> Any:
         kind = "an integer" if name in _INT_FIELDS else "a number"
         raise ConfigError(f"{_env_of(name)} must be {kind}, got {raw!r}") from None
     return raw
+
+
+def _json_object(name: str, raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"{_env_of(name)} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_env_of(name)} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 # --------------------------------------------------------------------------------------
