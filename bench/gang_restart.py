@@ -37,7 +37,7 @@ from finetune_testbed.operator_proc import OperatorProcess
 from .kubeapi import Api, ApiError
 from .procstat import wait_until
 from .report import percentile
-from .run import CRD, OPERATOR_ARGS
+from .run import CRD, OPERATOR_ARGS, _finite
 from .watcher import _Stream
 
 NAMESPACE = "bench-gang"
@@ -297,14 +297,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _finite(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,6 +112,19 @@ def jobs(cluster, namespace, live_operator):
     return Jobs(cluster, namespace)
 
 
+@pytest.fixture(scope="module")
+def kueue(cluster):
+    """A real Kueue manager for the module's tests (hack/finetune_testbed/kueue.py)."""
+    from finetune_testbed.kueue import Kueue
+
+    k = Kueue(cluster)
+    t0 = time.monotonic()
+    k.start()
+    print(f"\nKueue ready in {time.monotonic() - t0:.1f}s")
+    yield k
+    k.stop()
+
+
 class LagRecorder:
     """Measures pod phase change -> TrainingJob status change, as seen by an independent
     watch client (the operations reference's recipe). Reported, never asserted."""

@@ -7,12 +7,11 @@ printed, not asserted."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from finetune_testbed.jobs import Jobs
-from finetune_testbed.kueue import HIGH, LOW, QUEUE, Kueue, evicted_by_kueue, gated, open_queues
+from finetune_testbed.kueue import HIGH, LOW, QUEUE, evicted_by_kueue, gated, open_queues
 from finetune_testbed.realjob import real_job
 from finetune_testbed.timeline import Timeline, phase
 
@@ -20,14 +19,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 EVERY = 5  # A's checkpoint interval (steps)
 
 
-@pytest.fixture(scope="module")
-def kueue(cluster):
-    k = Kueue(cluster)
-    t0 = time.monotonic()
-    k.start()
-    print(f"\nKueue ready in {time.monotonic() - t0:.1f}s")
-    yield k
-    k.stop()
 
 
 @pytest.fixture

@@ -6,118 +6,44 @@ The latencies are measured from one watch of the namespace's pods and TrainingJo
 test's own observations) and printed; they are reported, not asserted."""
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-
 import pytest
 import yaml
 
-from finetune_operator.core.kueue import ADMISSION_GATE
 from finetune_testbed.cluster import REPO, ClusterConfig, LocalCluster
 from finetune_testbed.jobs import Jobs, job_manifest, sim
 from finetune_testbed.kuberaw import MERGE, Kube
-from finetune_testbed.kueue import Kueue, manage_namespace
+from finetune_testbed.kueue import (
+    API,
+    HIGH,
+    LOW,
+    QUEUE,
+    condition,
+    evicted_by_kueue,
+    gated,
+    open_queues,
+    queue_manifests,
+)
 from finetune_testbed.operator_proc import OperatorProcess
 from finetune_testbed.procs import wait_for
+from finetune_testbed.timeline import Timeline, phase
 
 pytestmark = pytest.mark.cluster
-KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
-QUEUE = "team-a"
-LOW, HIGH = "finetune-test-low", "finetune-test-high"
 FAST = {"backoffSeconds": 1, "maxBackoffSeconds": 2}
-
-
-def queue_manifests(namespace: str, cluster_queue: str, gpus: int = 8) -> list[dict]:
-    """The README's manifests ("Queueing with Kueue"), the ClusterQueue limited to `namespace`."""
-    return [
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "gpu"}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cluster_queue},
-         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-                  "queueingStrategy": "BestEffortFIFO",
-                  "preemption": {"withinClusterQueue": "LowerPriority"},
-                  "resourceGroups": [{"coveredResources": ["nvidia.com/gpu"], "flavors": [
-                      {"name": "gpu", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": gpus}]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": QUEUE, "namespace": namespace}, "spec": {"clusterQueue": cluster_queue}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": LOW},
-         "value": 100, "description": "preemptible fine-tuning"},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": HIGH},
-         "value": 1000, "description": "urgent fine-tuning"},
-    ]
-
-
-class Timeline:
-    """Every pod and TrainingJob event of a namespace, time-stamped on arrival (monotonic)."""
-
-    def __init__(self, cluster, namespace: str):
-        self.kube = Kube(cluster.kubeconfig)
-        self.paths = {"pod": f"/api/v1/namespaces/{namespace}/pods",
-                      "tj": f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/trainingjobs"}
-        self.events: list[tuple[float, str, dict]] = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-
-    def start(self) -> None:
-        listed = [threading.Event() for _ in self.paths]
-        for kind, done in zip(self.paths, listed, strict=True):
-            threading.Thread(target=self._watch, args=(kind, done), daemon=True).start()
-        for done in listed:
-            assert done.wait(30), "Timeline: the watches did not start"
-
-    def _watch(self, kind: str, listed: threading.Event) -> None:
-        path = self.paths[kind]
-        answer = self.kube.get(path)
-        rv = answer["metadata"]["resourceVersion"]
-        with self.lock:
-            self.events += [(time.monotonic(), kind, obj) for obj in answer["items"]]
-        listed.set()
-        while not self.stopping.is_set():
-            for ev in self.kube.watch(path, {"resourceVersion": rv, "timeoutSeconds": 5,
-                                             "allowWatchBookmarks": "true"}, timeout=10):
-                obj = ev.get("object") or {}
-                rv = obj.get("metadata", {}).get("resourceVersion", rv)
-                if ev.get("type") not in ("BOOKMARK", "ERROR"):
-                    with self.lock:
-                        self.events.append((time.monotonic(), kind, obj))
-                if self.stopping.is_set():
-                    return
-
-    def first(self, kind: str, name: str, pred: Callable[[dict], bool]) -> float | None:
-        """When the first event of `kind` `name` met pred (a pod, or a TrainingJob's status)."""
-        with self.lock:
-            return next((t for t, k, o in self.events if k == kind and o["metadata"]["name"] == name
-                         and pred(o if kind == "pod" else o.get("status") or {})), None)
-
-    def wait(self, kind: str, name: str, pred: Callable[[dict], bool], what: str, timeout: float = 60) -> float:
-        seen = wait_for(lambda: self.first(kind, name, pred), timeout, what, interval=0.1)
-        assert seen is not None  # wait_for returns only a truthy value
-        return seen
 
 
 def kueue_says_no_quota(status: dict) -> bool:
     return status.get("reason") == "QueuedByKueue" and "insufficient unused quota" in (status.get("message") or "")
 
 
-def gated(pod: dict) -> bool:
-    return any(g.get("name") == ADMISSION_GATE for g in pod["spec"].get("schedulingGates") or [])
 
 
-def evicted_by_kueue(pod: dict) -> bool:
-    return any(c.get("type") == "TerminationTarget" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions") or [])
 
 
-def phase(name_phase: str, reason: str | None = None, attempt: int | None = None) -> Callable[[dict], bool]:
-    def check(s: dict) -> bool:
-        return (s.get("phase") == name_phase and (reason is None or s.get("reason") == reason)
-                and (attempt is None or s.get("attempt") == attempt))
-    return check
 
 
 def workload_of(kube: Kube, namespace: str, pod_name: str) -> dict | None:
     """The Workload Kueue made for a single pod (it owns it) or for a pod group (named after it)."""
-    for wl in kube.get(f"{KUEUE_API}/namespaces/{namespace}/workloads")["items"]:
+    for wl in kube.get(f"{API}/namespaces/{namespace}/workloads")["items"]:
         owners = {r["name"] for r in wl["metadata"].get("ownerReferences") or []}
         if pod_name in owners or wl["metadata"]["name"] == pod_name:
             return wl
@@ -134,39 +60,18 @@ def wait_workload(kube: Kube, namespace: str, pod_name: str, type_: str, status:
     return found
 
 
-def condition(obj: dict, type_: str) -> dict:
-    return next((c for c in obj.get("status", {}).get("conditions") or [] if c["type"] == type_), {})
-
-
-@pytest.fixture(scope="module")
-def kueue(cluster):
-    k = Kueue(cluster)
-    t0 = time.monotonic()
-    k.start()
-    print(f"\nKueue ready in {time.monotonic() - t0:.1f}s")
-    yield k
-    k.stop()
-
-
 @pytest.fixture
 def queued_ns(cluster, namespace, kueue):
-    manage_namespace(cluster, namespace)
-    cluster_queue = f"cq-{namespace}"
-    cluster.apply(queue_manifests(namespace, cluster_queue))
-    kube = Kube(cluster.kubeconfig)
-    wait_for(lambda: condition(kube.get(f"{KUEUE_API}/clusterqueues/{cluster_queue}"), "Active")
-             .get("status") == "True", 60, f"ClusterQueue {cluster_queue} Active")
+    cluster_queue = open_queues(cluster, namespace, gpus=8)
     yield namespace
     cluster.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False)
-    kube.close()
 
 
 @pytest.fixture
 def timeline(cluster, queued_ns):
-    t = Timeline(cluster, queued_ns)
-    t.start()
+    t = Timeline(cluster.kubeconfig, queued_ns).start()
     yield t
-    t.stopping.set()
+    t.stop()
 
 
 def test_quota_priority_preemption_and_release(cluster, queued_ns, jobs, timeline):
