@@ -269,6 +269,7 @@ class FakeTrainer:
     def __init__(self, ip: str = "127.0.0.1", port: int = 9400, total_steps: int = 100):
         self.step, self.total, self.loss, self.epoch = 0, total_steps, 3.0, 0.0
         self.checkpoint_step = 0
+        self.eval_loss = float("nan")  # as the trainer: NaN until its first evaluation
         self.tokens_per_second = 0.0
         self.heartbeat = time.time()
         fake = self
@@ -296,6 +297,7 @@ class FakeTrainer:
     def render(self) -> str:
         rows = [("step", "gauge", self.step), ("total_steps", "gauge", self.total),
                 ("epoch", "gauge", self.epoch), ("loss", "gauge", self.loss),
+                ("eval_loss", "gauge", self.eval_loss),
                 ("tokens_per_second", "gauge", self.tokens_per_second),
                 ("last_checkpoint_step", "gauge", self.checkpoint_step),
                 ("heartbeat_timestamp_seconds", "gauge", self.heartbeat)]
@@ -306,6 +308,7 @@ class FakeTrainer:
 
     def advance(self, step: int, loss: float, *, checkpoint_step: int | None = None) -> None:
         self.step, self.loss, self.heartbeat = step, loss, time.time()
+        self.eval_loss = loss + 0.05  # an evaluation at every advance
         self.epoch = step / max(self.total, 1)
         self.tokens_per_second = 1234.5
         if checkpoint_step is not None:
