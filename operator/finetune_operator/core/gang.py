@@ -167,15 +167,14 @@ def _in_flight(
 ) -> GangOutcome:
     rank, slowest = min(flights.items(), key=lambda ro: (_PHASE_ORDER[ro[1].phase], ro[0]))
     pod = pods[rank]
-    if slowest.phase == "Queued" and obs.workers > 1:
-        placed = sum(1 for p in pods.values() if p.scheduled or p.node_name)
-        timeout = start_timeout_at(spec, status, kueue.admitted_at(list(pods.values())))
-        if placed and timeout is not None and obs.now >= timeout:
+    if slowest.phase == "Queued":
+        release_at = _release_at(obs, spec, status, pods)
+        if release_at is not None and obs.now >= release_at:
             return GangOutcome(
                 Ended(
                     "interruption",
                     "GangNotScheduled",
-                    f"only {placed} of {obs.workers} pods were placed within runPolicy.startTimeoutSeconds "
+                    f"only {len(_placed(pods))} of {obs.workers} pods were placed within runPolicy.startTimeoutSeconds "
                     f"({spec.run_policy.start_timeout_seconds}s); releasing them to retry the whole gang. "
                     f"rank {rank}: {slowest.message}",
                 ),
@@ -188,12 +187,20 @@ def _in_flight(
     return GangOutcome(InFlight(slowest.phase, slowest.reason, _labelled(obs, pod, slowest.message)), pod)
 
 
-def partial_gang_deadline(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> datetime | None:
-    """When a gang that is only partly placed will be released (None: not partly placed)."""
-    pods = gang(obs, status.attempt)
-    if obs.workers == 1 or not pods:
-        return None
-    placed = [p for p in pods.values() if p.scheduled or p.node_name]
-    if not placed or len(placed) == obs.workers:
+def _placed(pods: dict[int, PodObservation]) -> list[PodObservation]:
+    return [p for p in pods.values() if p.scheduled or p.node_name]
+
+
+def _release_at(
+    obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus, pods: dict[int, PodObservation]
+) -> datetime | None:
+    """When a gang that is only partly placed is released (None: not partly placed)."""
+    placed = _placed(pods)
+    if obs.workers == 1 or not placed or len(placed) == obs.workers:
         return None
     return start_timeout_at(spec, status, kueue.admitted_at(placed))
+
+
+def partial_gang_deadline(obs: Observation, spec: TrainingJobSpec, status: TrainingJobStatus) -> datetime | None:
+    """When the current attempt's gang, if only partly placed, will be released."""
+    return _release_at(obs, spec, status, gang(obs, status.attempt))
