@@ -186,6 +186,21 @@ def test_a_gang_that_succeeded_despite_a_peer_exiting_nonzero():
     assert outcome_problems(plan, done, {1}, {1}) == ["failures 0 < attempts whose pods exited non-zero [1]"]
 
 
+def test_a_gang_attempt_with_an_evicted_rank_may_count_as_a_resume():
+    # rank 0 exited 1 (injected), rank 1 was evicted in the same attempt: the gang rule puts
+    # the cluster-caused end first, so a resume is right
+    plan = JobPlan("j", "run", 1, workers=2)
+    resumed = job(attempt=2, resumes=1, workers=2)
+    assert outcome_problems(plan, resumed, {1}, {1}, {1}) == []
+    # without the eviction the exit must have been counted
+    assert outcome_problems(plan, resumed, {1}, {1}, set()) == [
+        "failures 0 < attempts whose pods exited non-zero [1]"]
+    # a single-pod job gets no such leeway
+    single = JobPlan("j", "run", 1)
+    assert outcome_problems(single, job(attempt=2, resumes=1), {1}, {1}, {1}) == [
+        "failures 0 < attempts whose pods exited non-zero [1]"]
+
+
 def test_run_job_failed_without_exit_faults():
     plan = JobPlan("j", "run", 1)
     st = job(phase="Failed", attempt=1, reason="PodLost")

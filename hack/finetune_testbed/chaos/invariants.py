@@ -152,9 +152,11 @@ def nonzero_attempts(pods: list[dict]) -> set[int]:
             and not p["metadata"].get("deletionTimestamp") and exit_code_of(p) not in (None, 0, 143)}
 
 
-def outcome_problems(plan: JobPlan, job: dict, exit_faulted: set[int], nonzero: set[int]) -> list[str]:
+def outcome_problems(plan: JobPlan, job: dict, exit_faulted: set[int], nonzero: set[int],
+                     disrupted: frozenset[int] | set[int] = frozenset()) -> list[str]:
     """nonzero: attempts whose pod is still there and exited non-zero (the operator had every
-    chance to see it; a failed pod deleted before anyone looked cannot be held against it)."""
+    chance to see it; a failed pod deleted before anyone looked cannot be held against it).
+    disrupted: attempts in which the harness evicted, deleted or lost some pod."""
     status = job.get("status") or {}
     failures, attempt = status.get("failures") or 0, status.get("attempt") or 0
     out = []
@@ -166,6 +168,10 @@ def outcome_problems(plan: JobPlan, job: dict, exit_faulted: set[int], nonzero: 
         # rank 0 exiting 0 is the job succeeding (docs/CONTRACTS.md "Gangs"): a peer's
         # non-zero exit in that same attempt is not a failure of the job
         seen.discard(attempt)
+    if plan.workers > 1:
+        # a gang's cluster-caused end outranks a peer's exit (docs/CONTRACTS.md "Gangs"): an
+        # attempt that also had a rank evicted or lost may rightly be counted as a resume
+        seen -= set(disrupted)
     if failures < len(seen) and not (status.get("phase") == "Failed" and failures > plan.backoff_limit):
         out.append(f"failures {failures} < attempts whose pods exited non-zero {sorted(seen)}")
     if plan.kind in ("succeed", "run", "evict") and not exit_faulted and failures:
@@ -200,7 +206,8 @@ def _end_state_problems(plan: JobPlan, status: dict, exit_faulted: set[int]) -> 
 
 
 def job_violations(plans: dict[str, JobPlan], jobs: dict[str, dict], pods: Iterable[dict],
-                   exit_faulted: dict[str, set[int]]) -> tuple[list[str], list[str]]:
+                   exit_faulted: dict[str, set[int]],
+                   disrupted: dict[str, set[int]] | None = None) -> tuple[list[str], list[str]]:
     """Every planned job: not lost, has a status that matches its pods, at rest, with an
     outcome that fits what was injected. Returns the violations and the names of the jobs
     with unexpected outcomes (worth describing in the report)."""
@@ -221,7 +228,8 @@ def job_violations(plans: dict[str, JobPlan], jobs: dict[str, dict], pods: Itera
             st = job["status"]
             violations.append(f"{name} [{plan.kind}]: not at rest: {st.get('phase')}/{st.get('reason')}: "
                               f"{st.get('message')}")
-        found = outcome_problems(plan, job, exit_faulted.get(name, set()), nonzero_attempts(by_job[name]))
+        found = outcome_problems(plan, job, exit_faulted.get(name, set()), nonzero_attempts(by_job[name]),
+                                 (disrupted or {}).get(name, set()))
         for p in found:
             violations.append(f"{name} [{plan.kind}]: {p}")
         if found:

@@ -152,7 +152,7 @@ class ChaosRun:
         """Every invariant over the final state. Returns the violations, the details for the
         report, the Warning Events missing, and the number of operator tracebacks."""
         chaos = self.chaos
-        violations, unexpected = job_violations(chaos.plans, jobs, pods, chaos.exit_faulted)
+        violations, unexpected = job_violations(chaos.plans, jobs, pods, chaos.exit_faulted, chaos.disrupted)
         by_job = pods_by_job(pods)
         details = [describe(n, jobs[n], by_job[n], chaos.faults + chaos.recoveries) for n in unexpected]
         history, conclusions = chaos.pods.history(), chaos.jobs.conclusions()
