@@ -140,3 +140,23 @@ def audit_counts(path: Path, start: float, end: float, agent: Callable[[str], bo
                 failed[(res, verb, code)] += 1
             agents[ua] += 1
     return {"counts": by_key, "failed": failed, "agents": agents}
+
+
+# ---- what the operator did in a window (its own counters) -------------------------------------
+_ACTIVITY = {"reconciles": ("finetune_operator_reconcile_duration_seconds_count", "trigger"),
+             "progress_scrapes": ("finetune_operator_progress_scrapes_total", "result"),
+             "api_requests": ("finetune_operator_api_requests_total", "verb")}
+
+
+def idle_activity(before: str, after: str) -> dict[str, dict[str, float]]:
+    """Reconciles by trigger, progress scrapes by result and the operator's own API requests
+    by verb between two scrapes of its /metrics (the idle window's work, in numbers)."""
+    out: dict[str, dict[str, float]] = {}
+    for what, (name, label) in _ACTIVITY.items():
+        c: Counter[str] = Counter()
+        for labels, value in parse_counter(after, name):
+            c[labels.get(label, "")] += value  # type: ignore[assignment]
+        for labels, value in parse_counter(before, name):
+            c[labels.get(label, "")] -= value  # type: ignore[assignment]
+        out[what] = {k: v for k, v in sorted(c.items()) if v}
+    return out

@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         cluster.start()
         log(f"control plane with {nodes} kwok nodes ready in {cluster.startup_seconds:.1f}s")
         cluster.kubectl("apply", "-f", str(CRD))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev", "--timeout=60s")
+        cluster.wait_established("trainingjobs.finetune.dev")
         api = Api.for_cluster(cluster)
         api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
 

@@ -23,6 +23,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("controller CPU (s) [Job: whole KCM]", "cpu_s", "{:.1f}"),
     ("controller TCP connections to the API server, peak", "api_connections_peak", "{:.0f}"),
     ("controller CPU with N Running, idle (% of a core) [Job: KCM]", "steady_cpu_pct", "{:.1f}"),
+    ("  API requests/s by the controller while idle, audit log", "steady_api_per_s", "{:.2f}"),
     ("control plane CPU (s), context", "control_plane_cpu_s", "{:.1f}"),
     ("API requests/job by the controller, audit log (excl. WATCH)", "api_audit_total", "{:.2f}"),
     ("  POST/job", "api_audit_POST", "{:.2f}"),

@@ -85,6 +85,8 @@ class Side:
         raise NotImplementedError
 
     def setup(self) -> None: ...
+    def idle_begins(self) -> None: ...
+    def idle_ends(self, res: dict) -> None: ...
     def before_kill(self) -> None: ...
     def kill(self) -> None: ...
     def restart(self) -> None: ...
@@ -109,8 +111,10 @@ class OperatorSide(Side):
 
     def setup(self) -> None:
         c = self.ctx
+        env = ({"PYTHONPATH": os.pathsep.join([c.args.operator_src, os.environ.get("PYTHONPATH", "")])}
+               if c.args.operator_src else None)
         self.op = OperatorProcess(c.cluster.kubeconfig, c.cluster.log_dir, args=c.operator_args,
-                                  python=c.operator_python)
+                                  python=c.operator_python, env=env)
         self.op.start()
         c.sampler.track("controller", _started_pid(self.op.pid, "operator"), from_zero=True)
         self.counts: apimetrics.ApiCounts = Counter()
@@ -131,6 +135,18 @@ class OperatorSide(Side):
             if path:
                 self.profiles.append(str(path))
             self.profiler = None
+
+    def idle_begins(self) -> None:
+        # the idle window gets its own profile (the "run" one covers the burst)
+        self._stop_profiler()
+        self.profiler = self._profile("idle")
+        self.idle_metrics = self.op.metrics_text()
+
+    def idle_ends(self, res: dict) -> None:
+        self._stop_profiler()
+        self.profiler = self._profile("run-after-idle")
+        res["steady_operator_metrics"] = apimetrics.idle_activity(self.idle_metrics,
+                                                                  self.op.metrics_text())
 
     def _scrape(self) -> apimetrics.ApiCounts:
         return apimetrics.operator_counts(self.op.metrics_text())
@@ -320,6 +336,11 @@ def audit_api(ctx: Context, side: Side, res: dict) -> None:
     res["api_audit_failed_detail"] = {f"{r} {v} {code}": c
                                       for (r, v, code), c in sorted(got["failed"].items())}
     res["api_audit_agents"] = dict(got["agents"])
+    if "steady_window" in res:  # what the controller asked of the API server while idle
+        w = res["steady_window"]
+        idle = apimetrics.audit_counts(path, w["start"], w["end"], side.agent)["counts"]
+        res["steady_api_detail"] = {f"{r} {v}": c for (r, v), c in sorted(idle.items())}
+        res["steady_api_per_s"] = sum(c for (_r, v), c in idle.items() if v != "WATCH") / w["seconds"]
     if isinstance(side, JobSide):
         kcm = apimetrics.audit_counts(path, res["window_start"], res["window_end"],
                                       apimetrics.kcm_informer_agent)
@@ -354,16 +375,28 @@ def _submit(ctx: Context, side: Side, watcher: Watcher, names: list[str], res: d
     log(f"{side.key}: all owners running after {res['owners_running_s']:.1f}s")
 
 
-def _steady_state(ctx: Context, res: dict) -> None:
-    """N jobs Running, nothing changing: what the controller costs to hold them."""
+def _steady_state(ctx: Context, side: Side, res: dict) -> None:
+    """N jobs Running, nothing changing: what the controller costs to hold them. The window
+    opens `--settle-seconds` after the last owner went running, so the tail of the burst
+    (the last status writes and Events still in flight) is not counted as idle."""
+    time.sleep(ctx.args.settle_seconds)
+    side.idle_begins()
     ctx.sampler.sample()
-    cpu0, t_s = ctx.sampler.cpu_seconds("controller"), time.monotonic()
+    cpu0, t_s, w0 = ctx.sampler.cpu_seconds("controller"), time.monotonic(), time.time()
+    cp0 = {n: ctx.sampler.cpu_seconds(n) for n in CONTROL_PLANE}
     time.sleep(ctx.args.steady_seconds)
     ctx.sampler.sample()
-    res["steady_cpu_pct"] = 100 * (ctx.sampler.cpu_seconds("controller") - cpu0) / max(
-        1e-9, time.monotonic() - t_s)
+    elapsed = max(1e-9, time.monotonic() - t_s)
+    res["steady_cpu_pct"] = 100 * (ctx.sampler.cpu_seconds("controller") - cpu0) / elapsed
+    res["steady_control_plane_cpu_pct"] = {
+        n: round(100 * (ctx.sampler.cpu_seconds(n) - cp0[n]) / elapsed, 2) for n in CONTROL_PLANE}
+    res["steady_window"] = {"start": w0, "end": time.time(), "seconds": elapsed,
+                            "settle_seconds": ctx.args.settle_seconds}
     res["rss_at_n_running_mib"] = ctx.sampler.rss_now_mib("controller")
     res["api_connections_at_n_running"] = ctx.sampler.connections("controller")[0]
+    side.idle_ends(res)
+    log(f"{side.key}: idle with {ctx.n} running: {res['steady_cpu_pct']:.2f}% of a core over "
+        f"{elapsed:.0f}s, RSS {res['rss_at_n_running_mib']:.0f} MiB")
 
 
 def _restart(ctx: Context, side: Side, watcher: Watcher, changed_owners: list[str], pod_of: dict[str, str],
@@ -447,7 +480,10 @@ def run_side(ctx: Context, side: Side) -> dict:
     try:
         res["window_start"] = time.time()
         _submit(ctx, side, watcher, names, res)
-        _steady_state(ctx, res)
+        _steady_state(ctx, side, res)
+        if ctx.args.stop_after == "idle":
+            _resources(ctx, side, watcher, res)
+            return res
         k = min(ctx.args.restart_changes, ctx.n // 2)
         pod_of = watcher.pod_of()
         _restart(ctx, side, watcher, names[:k], pod_of, res)
@@ -477,6 +513,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="pods made to succeed while the controller is down (capped at N/2)")
     p.add_argument("--steady-seconds", type=float, default=20,
                    help="idle window with all N Running, for the steady-state CPU row")
+    p.add_argument("--settle-seconds", type=float, default=10,
+                   help="wait after all owners run before the idle window opens (default 10)")
+    p.add_argument("--stop-after", choices=("all", "idle"), default="all",
+                   help="idle: end each side after the idle window (no restart, no "
+                        "completion phase): the idle cost alone, cheaply")
+    p.add_argument("--operator-src",
+                   help="directory put first on the operator's PYTHONPATH (e.g. another "
+                        "checkout's operator/), for A/B runs of two versions in one session")
     p.add_argument("--order", choices=("ours-first", "jobs-first"), default="ours-first")
     p.add_argument("--only", choices=("ours", "jobs"), help="run one side only")
     p.add_argument("--timeout", type=float, default=600, help="limit of each wait (s)")
@@ -507,6 +551,12 @@ def _finite(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def _crd_established(api: Api) -> bool:
+    crd = api.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/trainingjobs.finetune.dev")
+    return any(c.get("type") == "Established" and c.get("status") == "True"
+               for c in (crd.get("status") or {}).get("conditions") or [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,9 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster.start()
         log(f"control plane ready in {cluster.startup_seconds:.1f}s ({cluster.workdir})")
         cluster.kubectl("apply", "-f", str(CRD))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
-                        "--timeout=60s")
         ctx.api = Api.for_cluster(cluster)
+        # polled: `kubectl wait --for=condition=...` fails at once while status.conditions is unset
+        wait_until(lambda: _crd_established(ctx.api), 60, "the TrainingJob CRD Established", 0.2)
         ctx.sampler.api_port = cluster.ports["apiserver"]
         warm_up(ctx)
         ctx.sampler.start()

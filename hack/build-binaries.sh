@@ -4,6 +4,8 @@
 # real node's pause and fake-gpu-plugin programs and its CoreDNS from
 # the pinned wrapper modules in hack/build/*. Binaries land in a cache keyed by the
 # wrapper's go.mod+go.sum, so a rebuild happens only when a pinned version changes.
+# `build-binaries.sh tools` builds only helm, actionlint and kstatus; `build-binaries.sh minio` only
+# MinIO (hack/build/minio: an S3-compatible server for the trainer's push tests).
 # Prints the directory holding the binaries on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -63,7 +65,19 @@ version_flags() {
   echo "$f"
 }
 
+link_all() {  # one stable directory of links, so callers need a single path
+  bin="$cache_root/bin"; mkdir -p "$bin"
+  for d in "${dirs[@]}"; do for f in "$d"/*; do ln -sfn "$f" "$bin/$(basename "$f")"; done; done
+  echo "$bin"
+}
+
 dirs=()
+# MinIO, an S3-compatible server (tests/trainer/test_push_s3.py pushes adapters to it).
+# Only `build-binaries.sh minio` builds it (the cluster and the static checks need none).
+if [ "${1:-}" = minio ]; then
+  d="$cache_root/minio-$(key minio)"; build_component minio "$d" github.com/minio/minio; dirs+=("$d")
+  link_all; exit 0
+fi
 # Helm, actionlint and kstatus (tests/static/test_chart.py, test_workflows.py,
 # tests/unit/test_kstatus.py). `build-binaries.sh tools` builds only these three: those checks
 # need no control plane.

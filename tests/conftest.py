@@ -81,8 +81,7 @@ EXPECTED_JOB_PHASES = {"Running": ("Running",), "Succeeded": ("Succeeded",),
 @pytest.fixture(scope="session")
 def crd(cluster):
     cluster.kubectl("apply", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
-                    "--timeout=60s")
+    cluster.wait_established("trainingjobs.finetune.dev")
     return CRD
 
 
@@ -95,6 +94,17 @@ def operator(cluster, crd):
     yield op
     lag.stop()
     op.stop()
+
+
+@pytest.fixture
+def session_operator_paused(operator):
+    """The session operator (admin identity, no leader election) frozen with SIGSTOP, so it
+    neither reconciles nor holds anything while other operators under test act."""
+    operator.pause()
+    try:
+        yield operator
+    finally:
+        operator.resume()
 
 
 @pytest.fixture

@@ -255,6 +255,19 @@ class LocalCluster:
     def get_json(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each CustomResourceDefinition is Established. Polled rather than
+        `kubectl wait --for=condition=Established`, which fails at once ("accessor error:
+        <nil>") when it reads a just-created CRD whose status has no conditions yet."""
+        def established() -> bool:
+            got = self.get_json("crd", *crds)  # one name: the object itself; several: a List
+            for crd in got["items"] if got.get("kind") == "List" else [got]:
+                conditions = (crd.get("status") or {}).get("conditions") or []
+                if not any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+                    return False
+            return True
+        wait_for(established, timeout, f"CRDs {', '.join(crds)} Established", interval=0.2)
+
     # ---- nodes ------------------------------------------------------------------
     def gpu_node(self, name: str, gpus: int | None = None) -> dict:
         gpus = self.config.gpus_per_node if gpus is None else gpus

@@ -72,7 +72,7 @@ class Demo:
             f"scheduler, controller-manager, kwok with {self.cluster.config.gpu_nodes} GPU nodes"
         )
         self.kubectl("apply", "-f", str(REPO / "crds"))
-        self.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev")
+        self.cluster.wait_established("trainingjobs.finetune.dev")
         say(
             "starting the real node (kubelet, containerd, runc, CNI bridge; the trainer image "
             "is imported into containerd: a few minutes the first time)"

@@ -150,8 +150,7 @@ class Kueue:
         definitions = crds(source, self.webhook_port, ca_pem)
         c.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                   input=yaml.safe_dump_all(definitions))
-        c.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                  *[f"crd/{d['metadata']['name']}" for d in definitions])
+        c.wait_established(*[d["metadata"]["name"] for d in definitions])
         c.kubectl("create", "namespace", NAMESPACE, check=False)
         workdir: Path = c.workdir / "kueue"
         cert_dir = workdir / "certs"

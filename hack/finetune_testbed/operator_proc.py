@@ -8,6 +8,7 @@ from pathlib import Path
 
 import requests
 
+from .identities import metric_value
 from .procs import Proc, free_port, wait_for
 
 # Fast timings for tests and the demo; production defaults live in config.py.
@@ -20,6 +21,7 @@ class OperatorProcess:
                  name: str = "operator", env: dict | None = None, python: str | None = None):
         self.metrics_port, self.health_port = free_port(), free_port()
         self.kubeconfig = kubeconfig
+        self.identity = name  # the --identity of a leader-election replica (election_replica)
         argv = [python or sys.executable, "-m", "finetune_operator",
                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
                 "--bind-address", "127.0.0.1", *(FAST_ARGS if args is None else args)]
@@ -78,3 +80,20 @@ class OperatorProcess:
 
 def env_without_kubeconfig() -> dict:
     return {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+
+
+def election_replica(cluster, namespace: str, identity: str, lease_id: str, *args: str) -> OperatorProcess:
+    """A replica with Lease leader election in `namespace` (as the Deployment runs it), not started."""
+    op = OperatorProcess(cluster.kubeconfig, cluster.log_dir, name=f"operator-{identity}",
+                         args=[*FAST_ARGS, *args, "--leader-elect", f"--leader-election-namespace={namespace}",
+                               f"--leader-election-id={lease_id}", f"--identity={identity}"])
+    op.identity = identity
+    return op
+
+
+def leader_gauge(op: OperatorProcess) -> float | None:
+    """Its finetune_operator_leader gauge; None while it does not answer."""
+    try:
+        return metric_value(op.metrics_text(), "finetune_operator_leader")
+    except requests.RequestException:
+        return None

@@ -26,8 +26,7 @@ POD_DONE = ("Succeeded", "Failed")
 
 def apply_crd(cluster: LocalCluster) -> None:
     cluster.kubectl("apply", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
-                    "--timeout=60s")
+    cluster.wait_established("trainingjobs.finetune.dev")
 
 
 @contextmanager

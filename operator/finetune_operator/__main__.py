@@ -23,6 +23,7 @@ from .leader import LeaderElector
 from .metrics import REGISTRY, FleetCollector
 from .preflight import PreflightError, preflight
 from .reconciler import Reconciler
+from .sharding import Shard
 from .version import describe
 from .watch_gaps import keep_auditing
 
@@ -74,8 +75,9 @@ def _elector(client: KubeClient, cfg: OperatorConfig) -> LeaderElector | None:
     if not cfg.leader_elect:
         return None
     identity = cfg.identity or f"{socket.gethostname()}-{os.getpid()}"
-    return LeaderElector(client, cfg.leader_election_namespace, cfg.leader_election_name, identity,
-                         cfg.lease_duration)
+    # One Lease per shard: one leader and its standbys per shard (docs/SHARDING.md).
+    return LeaderElector(client, cfg.leader_election_namespace,
+                         Shard.of(cfg).lease_name(cfg.leader_election_name), identity, cfg.lease_duration)
 
 
 async def _lead(elector: LeaderElector | None, stop: asyncio.Event) -> bool:
@@ -100,7 +102,8 @@ async def _run_kopf(registry: kopf.OperatorRegistry, reconciler: Reconciler, cli
     # Created before kopf starts: kopf waits 5 s on exit for every task created after its
     # start ("hung" tasks), and a waiter left pending would delay the Lease release.
     waiters = [asyncio.ensure_future(stop.wait())]
-    auditor = asyncio.ensure_future(keep_auditing(reconciler, client, cfg.timer_interval, POD_SELECTOR))
+    auditor = asyncio.ensure_future(keep_auditing(reconciler, client, cfg.timer_interval,
+                                                  reconciler.shard.pod_selector(POD_SELECTOR)))
     if elector:
         waiters.append(asyncio.ensure_future(elector.lost.wait()))
 
@@ -109,9 +112,9 @@ async def _run_kopf(registry: kopf.OperatorRegistry, reconciler: Reconciler, cli
         kopf_stop.set()
     waiters.append(asyncio.ensure_future(watch_stop()))
     namespaces = cfg.namespaces
-    log.info("operator starting: %s, timer every %.0fs, progress every %.0fs",
+    log.info("operator starting: %s, %s, timer every %.0fs, progress every %.0fs",
              f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces",
-             cfg.timer_interval, cfg.progress_interval)
+             reconciler.shard.describe(), cfg.timer_interval, cfg.progress_interval)
     # kopf.operator() is spawn_tasks() + run_tasks(); split so that our signal handlers
     # win: spawn_tasks installs kopf's own SIGTERM/SIGINT handlers, and on a signal kopf
     # leaves its stop-flag waiter pending and waits 5 s for that "hung" task before it

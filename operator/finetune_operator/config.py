@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from .sharding import shard_name_error
 from .version import describe
 
 
@@ -26,6 +27,8 @@ class OperatorConfig:
     leader_election_name: str = "finetune-operator"
     lease_duration: float = 15.0
     identity: str = ""
+    shard: str | None = None                  # owns jobs labelled finetune.dev/shard=<shard> (docs/SHARDING.md)
+    shard_default: bool = False               # owns jobs without that label
     log_level: str = "INFO"
     # Concurrent API requests. 16 capped pod creation at 1,000 jobs (61 s); 48 halved that
     # (31 s) for about 15 MiB more RSS; unbounded opened ~200 connections (bench/README.md).
@@ -74,12 +77,21 @@ def parse_args(argv: list[str] | None = None) -> OperatorConfig:
                                                           d.leader_election_name))
     p.add_argument("--lease-duration", type=float, default=_env("lease_duration", d.lease_duration))
     p.add_argument("--identity", default=_env("identity", os.environ.get("POD_NAME", "")))
+    p.add_argument("--shard", default=os.environ.get("FINETUNE_SHARD") or None,
+                   help="own only the jobs labelled finetune.dev/shard=SHARD, with the Lease "
+                        "<leader-election-name>-SHARD (docs/SHARDING.md)")
+    p.add_argument("--shard-default", action="store_true", default=_env("shard_default", d.shard_default),
+                   help="own only the jobs without the finetune.dev/shard label")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
     p.add_argument("--api-connections", type=int, default=_env("api_connections", d.api_connections),
                    help="most concurrent requests to the API server (watches not counted)")
     a = p.parse_args(argv)
     if a.api_connections < 1:
         p.error(f"--api-connections must be at least 1, got {a.api_connections}")
+    if a.shard is not None and a.shard_default:
+        p.error("--shard and --shard-default exclude each other: one replica serves one shard")
+    if a.shard is not None and (err := shard_name_error(a.shard)):
+        p.error(err)
     namespaces = tuple(a.namespaces or _env("namespaces", ()))
     return OperatorConfig(namespaces=namespaces, metrics_port=a.metrics_port,
                           health_port=a.health_port, bind_address=a.bind_address,
@@ -91,4 +103,5 @@ def parse_args(argv: list[str] | None = None) -> OperatorConfig:
                           leader_election_namespace=a.leader_election_namespace,
                           leader_election_name=a.leader_election_name,
                           lease_duration=a.lease_duration, identity=a.identity,
+                          shard=a.shard, shard_default=a.shard_default,
                           log_level=a.log_level, api_connections=a.api_connections)

@@ -3,13 +3,12 @@
 - TrainingJob events (create, update, resume after restart, delete) -> reconcile.
 - Pod events, filtered server-side by label, mapped to the owner by label -> reconcile
   (the fast path: a pod change reaches the job's status within a second).
-- A jittered per-job timer -> progress scrape + safety-net reconcile.
+- One fleet-wide timer (fleet_timer.py), each job at its own offset -> progress scrape +
+  safety-net reconcile; started and stopped with kopf (startup/cleanup), so never on a standby.
 No state-changing kopf handlers are used, so kopf writes no annotations on our objects."""
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -21,29 +20,16 @@ from .api import (
     LABEL_MANAGED_BY,
     MANAGED_BY,
     PLURAL,
-    TERMINAL_PHASES,
     VERSION,
-    SpecError,
-    parse_phase,
-    parse_spec,
 )
 from .api.parsing import plain
 from .config import OperatorConfig
+from .fleet_timer import FleetTimer
 from .kube import resource_version
 from .reconciler import Key, Reconciler, without_managed_fields
 
 log = logging.getLogger("finetune.handlers")
 POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-
-
-def _needs_timer(spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
-    """A live job needs the timer; a finished one only to delete it after its TTL."""
-    if parse_phase(status) not in TERMINAL_PHASES:
-        return True
-    try:
-        return parse_spec(spec).run_policy.ttl_seconds_after_finished is not None
-    except SpecError:
-        return False  # decide() cannot read a TTL from a spec that fails validation either
 
 
 def job_key_of_pod(namespace: str | None, labels: Mapping[str, str]) -> Key | None:
@@ -102,7 +88,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         settings.persistence.finalizer = f"{GROUP}/operator"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = NoDiffBase()
-        settings.watching.label_selectors["v1", "pods"] = POD_SELECTOR
+        # Server-side: a replica lists and watches only its shard's jobs and pods (docs/SHARDING.md).
+        settings.watching.label_selectors["v1", "pods"] = reconciler.shard.pod_selector(POD_SELECTOR)
+        if job_selector := reconciler.shard.selector():
+            settings.watching.label_selectors[GROUP, PLURAL] = job_selector
         settings.watching.chunk_size = 500
         settings.watching.reconnect_backoff = 1.0
         settings.scanning.disabled = True
@@ -127,14 +116,17 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def job_event(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
         bind(kwargs)
-        # kopf keeps the latest raw body of every object with a timer (what `event` holds):
-        # managedFields, never read, was most of it: 53 MiB at 1,000 jobs (bench/README.md).
+        # Dropped from kopf's own copy (what `event` holds), in case kopf's per-object memory
+        # keeps it: with kopf timers it did, and managedFields was 53 MiB at 1,000 jobs (bench/README.md).
         without_managed_fields(cast(dict, event.get("object") or {}))  # in place: kopf's own copy
         if event.get("type") == "DELETED":
             reconciler.job_gone((body["metadata"]["namespace"], body["metadata"]["name"]))
             return
         if not reconciler.is_news(body):
             return
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if reconciler.shard.enabled and key not in reconciler.jobs:  # moved in? pods may carry the old label
+            await reconciler.handoffs.first_sight(key, body, reconciler.pods_of(key))
         key = reconciler.job_seen(_job_body(body))
         await reconciler.trigger(key, "job")
 
@@ -147,26 +139,17 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         reconciler.pod_changed(key)
         await reconciler.trigger(key, "pod")
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=cfg.progress_interval, when=_needs_timer,
-                initial_delay=lambda **_: random.uniform(0, cfg.progress_interval), registry=registry)
-    async def job_timer(body: kopf.Body, **kwargs: Any) -> None:
-        bind(kwargs)
-        meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
-        cached = reconciler.jobs.get(key)
-        if cached is None or cached["metadata"].get("resourceVersion") != meta.get("resourceVersion"):
-            key = reconciler.job_seen(_job_body(body))  # else: unchanged, skip the deep copy
-        await reconciler.tick(key)
+    # One task ticks every job of the reconciler's cache (fleet_timer.py says why not kopf.timer).
+    timer = FleetTimer(reconciler.jobs, reconciler.tick, cfg.progress_interval)
 
-    _timers_without_finalizer(registry)
+    @kopf.on.startup(registry=registry)
+    async def start_timer(**_: Any) -> None:
+        timer.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_timer(**_: Any) -> None:
+        await timer.stop()
+
     if registry._changing.get_all_handlers():  # NoDiffBase would starve them
         raise RuntimeError("on.create/update/field handlers need a real kopf DiffBaseStorage")
 
-
-def _timers_without_finalizer(registry: kopf.OperatorRegistry) -> None:
-    """kopf gives every object with a timer its finalizer, for daemons' sake. Our timer
-    holds nothing to clean up (deletion simply stops it), and the finalizer costs three
-    writes per job, conflicts with status writes, and blocks `kubectl delete` while the
-    operator is down. kopf has no public switch for this, hence the registry edit."""
-    spawning = registry._spawning
-    spawning._handlers = [dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers]

@@ -236,11 +236,14 @@ class KubeClient:
             self._session = None
 
     async def request(self, method: str, path: str, *, body: Any = None,
-                      content_type: str = "application/json", params: dict | None = None) -> Any:
+                      content_type: str = "application/json", params: dict | None = None,
+                      accept: str | None = None) -> Any:
         await self._ensure()
         resource = _resource_of(path)
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
+        if accept:
+            headers["Accept"] = accept
         session = self._session
         assert session is not None  # _ensure made it
         try:
@@ -269,8 +272,8 @@ class KubeClient:
         return payload
 
     # ---- typed helpers -------------------------------------------------------------
-    async def get(self, path: str, **params) -> Any:
-        return await self.request("GET", path, params=params or None)
+    async def get(self, path: str, *, accept: str | None = None, **params) -> Any:
+        return await self.request("GET", path, params=params or None, accept=accept)
 
     async def create(self, path: str, body: dict) -> dict:
         return await self.request("POST", path, body=body)

@@ -23,9 +23,13 @@ from .api.models import (
     TrainingJobSpec,
 )
 from .core import kueue, pod_name
+from .sharding import with_shard_label
 
 TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
 CHECKPOINT_VOLUME = "checkpoints"
+# spec.modelCache: the claim mounted here and HF_HOME pointed at it.
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_PATH = "/var/cache/huggingface"
 # NCCL moves data between a node's GPUs through /dev/shm; the runtime's default is 64 MiB.
 SHM_VOLUME = "dshm"
 SHM_PATH = "/dev/shm"
@@ -112,11 +116,31 @@ def _resources(spec: TrainingJobSpec) -> dict[str, Any]:
     return out
 
 
-def _env(trainer_env: dict[str, str], spec: TrainingJobSpec) -> list[dict[str, Any]]:
+def _env(trainer_env: dict[str, str], spec: TrainingJobSpec, job_dir: str) -> list[dict[str, Any]]:
     env = {name: {"name": name, "value": str(value)} for name, value in sorted(trainer_env.items())}
+    env |= {var["name"]: var for var in _generated_env(spec, job_dir)}
     for var in (spec.template.env if spec.template else None) or []:
         env[var.name] = var.model_dump(exclude_none=True)  # the template wins over the generated value
     return list(env.values())
+
+
+def _generated_env(spec: TrainingJobSpec, job_dir: str) -> list[dict[str, Any]]:
+    """The push's credentials from its Secret (standard AWS names) and default prefix; HF_HOME on the
+    model cache claim (docs/TRAINER.md "Push", "Models")."""
+    out: list[dict[str, Any]] = []
+    s3 = spec.output.push.s3 if spec.output.push else None
+    if s3 is not None:
+        if s3.prefix is None:
+            out.append({"name": contract.ENV_PUSH_S3_PREFIX, "value": job_dir})
+        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
+                              ("AWS_SESSION_TOKEN", True)):
+            ref: dict[str, Any] = {"name": s3.secret_name, "key": key}
+            if optional:
+                ref["optional"] = True
+            out.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if spec.model_cache is not None:
+        out.append({"name": "HF_HOME", "value": MODEL_CACHE_PATH})
+    return out
 
 
 def _volumes(spec: TrainingJobSpec, job_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -136,6 +160,11 @@ def _volumes(spec: TrainingJobSpec, job_dir: str) -> tuple[list[dict[str, Any]],
     if resume is not None:
         mounts.append({"name": CHECKPOINT_VOLUME, "mountPath": storage.RESUME_FROM_MOUNT_PATH,
                        "subPath": resume[1], "readOnly": True})
+    if spec.model_cache is not None:
+        claim = {"claimName": spec.model_cache.claim_name}
+        volumes.append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": claim})
+        cache_mount = {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH}
+        mounts.append(cache_mount | ({"subPath": spec.model_cache.sub_path} if spec.model_cache.sub_path else {}))
     template = spec.template
     if template is not None:
         volumes += [copy.deepcopy(v) for v in template.volumes or []]
@@ -160,8 +189,10 @@ def build_pod(
     *,
     trainer_env: dict[str, str],
     rank: int = 0,
+    shard: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest of rank `rank`'s pod in attempt `attempt` of job `job_name` (owner uid `uid`)."""
+    """The manifest of rank `rank`'s pod in attempt `attempt` of job `job_name` (owner uid `uid`);
+    `shard` is the job's finetune.dev/shard label, copied so that its shard's pod watch sees the pod."""
     template = spec.template
     template_meta = template.metadata if template is not None and template.metadata is not None else None
     labels = {**(template_meta.labels if template_meta else {}), **pod_labels(job_name, attempt, rank, spec.workers)}
@@ -171,14 +202,16 @@ def build_pod(
     # Kueue's plain-pod integration (docs/CONTRACTS.md, "Queueing with Kueue"); ours win over the template's.
     group = kueue.pod_group(job_name, attempt)
     labels |= kueue.pod_labels(spec.queue_name, spec.workload_priority_class_name, group, spec.workers)
+    labels = with_shard_label(labels, shard)
     annotations |= kueue.pod_annotations(spec.queue_name, spec.workers)
-    volumes, mounts = _volumes(spec, storage.job_directory(namespace, job_name, uid))
+    job_dir = storage.job_directory(namespace, job_name, uid)
+    volumes, mounts = _volumes(spec, job_dir)
 
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": spec.image,
         "command": list(TRAINER_COMMAND),
-        "env": _env({**trainer_env, **gang_env(job_name, spec, rank)}, spec),
+        "env": _env({**trainer_env, **gang_env(job_name, spec, rank)}, spec, job_dir),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "resources": _resources(spec),
         "volumeMounts": mounts,

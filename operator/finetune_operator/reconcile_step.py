@@ -36,6 +36,7 @@ from .core.gang import STUCK_TERMINATING, STUCK_TERMINATING_SECONDS
 from .job_metrics import record_status_change
 from .kube import Conflict, KubeClient, NotFound
 from .pods import build_pod, build_service
+from .sharding import Shard, shard_of
 from .trainer_env import trainer_env
 
 log = logging.getLogger("finetune.reconcile")
@@ -149,6 +150,7 @@ class _QueueMessage:
 class ReconcileStep:
     def __init__(self, writer: Writer, config: OperatorConfig, clock: Callable[[], dt.datetime] = utcnow):
         self.writer, self.config, self.clock = writer, config, clock
+        self.shard = Shard.of(config)
 
     def observe(self, job: Mapping[str, Any], inputs: Inputs,
                 create_error: tuple[str, str] | None = None) -> Observation:
@@ -179,6 +181,10 @@ class ReconcileStep:
                     written = await self.writer.write_status(job, new_status)
                 except Conflict:
                     fresh = await self.writer.read_job(ns, name)
+                    if fresh is not None and not self.shard.owns(fresh):
+                        # Relabelled into another shard: its replica owns it now (docs/SHARDING.md).
+                        log.info("%s/%s: moved to shard %r; dropped here", ns, name, shard_of(fresh))
+                        fresh = None
                     remember(fresh)
                     if fresh is None:
                         return out
@@ -215,7 +221,7 @@ class ReconcileStep:
                 if obs.spec is None:
                     continue
                 pod = build_pod(name, ns, obs.uid, obs.spec, action.attempt, trainer_env=trainer_env(obs.spec),
-                                rank=action.rank)
+                                rank=action.rank, shard=shard_of(job))
                 pod_name = pod["metadata"]["name"]
                 try:
                     outcome = await self.writer.create_pod(ns, pod)

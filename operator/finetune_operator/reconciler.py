@@ -16,18 +16,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
-from .api import TrainingJobStatus, parse_status
+from .api import TERMINAL_PHASES, TrainingJobStatus, parse_status
 from .config import OperatorConfig
 from .core import PodObservation, ProgressSample, UnreadyNodes, counts_for, kueue, parse_time, pod_name
 from .job_metrics import fleet_row
 from .kube import TRANSPORT_ERRORS, ApiError, KubeClient
 from .kube import resource_version as _rv
 from .kueue_workloads import queue_message
-from .progress import ProgressReader
+from .progress import ProgressReader, scrape_due
 from .reconcile_step import Inputs, KubeWriter, ReconcileStep, Writer, utcnow
+from .sharding import Handoffs, Shard
 
 log = logging.getLogger("finetune.reconcile")
 Key = tuple[str, str]
+# A job whose inputs did not change is still re-decided by the timer this often (in timer
+# intervals: 5 min in production), whatever the caches say.
+SETTLED_FULL_EVERY = 10
 
 
 def without_managed_fields(job: dict) -> dict:
@@ -47,10 +51,17 @@ class JobState:
     last_progress_write: float = 0.0
     sample: ProgressSample | None = None   # last successful read for sample_attempt
     sample_attempt: int | None = None
+    unanswered: int = 0  # failed reads in a row of a trainer that has not answered in this attempt
+    skipped: int = 0     # ticks since its last read (progress.scrape_due)
     wakeup: asyncio.TimerHandle | None = None
     triggers: set[str] = field(default_factory=set)
     parsed_status: TrainingJobStatus | None = None  # of the job at parsed_rv
     parsed_rv: int = -1
+    # The inputs of the last reconcile that wrote nothing, and until when (monotonic) its
+    # decision stands without new inputs (its wake-up time): the timer skips re-deciding those.
+    settled: tuple | None = None
+    settled_until: float = 0.0
+    last_full: float = 0.0  # monotonic; last timer reconcile that re-decided regardless
 
     def status_of(self, job: Mapping[str, Any]) -> TrainingJobStatus:
         """The job's status, parsed once per resourceVersion: the timer reads it every tick of every job."""
@@ -75,6 +86,8 @@ class Reconciler:
         # Bound by the kopf handlers to kopf's indices (filled before handlers run).
         self.pod_index: Mapping | None = None
         self.node_index: Mapping | None = None
+        self.shard = Shard.of(config)
+        self.handoffs = Handoffs(client, self.shard)  # pods of jobs moved in, unseen by our pod watch
 
     # ---- inputs from watches -----------------------------------------------------
     def bind(self, pod_index: Mapping | None, node_index: Mapping | None) -> None:
@@ -82,6 +95,8 @@ class Reconciler:
 
     def job_seen(self, body: dict) -> Key:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if key not in self.jobs and self.shard.enabled:
+            log.debug("%s/%s: holding (%s)", key[0], key[1], self.shard.describe())
         if key[0] not in self._namespaces_seen:
             self._namespaces_seen.add(key[0])
             metrics.STALE_CORRECTIONS.labels(key[0])  # exported at 0 so alerts see the first one
@@ -97,7 +112,9 @@ class Reconciler:
         return cached is None or _rv(body) > _rv(cached)
 
     def job_gone(self, key: Key) -> None:
-        self.jobs.pop(key, None)
+        if self.jobs.pop(key, None) is not None and self.shard.enabled:
+            log.debug("%s/%s: released (deleted, or moved out of this shard)", key[0], key[1])
+        self.handoffs.forget(key)
         self.gone.pop(key, None)
         st = self.state.pop(key, None)
         if st and st.wakeup:
@@ -110,6 +127,8 @@ class Reconciler:
 
     def pods_of(self, key: Key) -> list[dict]:
         pods = self._indexed_pods(key)
+        if extra := self.handoffs.extra(key):
+            pods = pods + extra
         gone = self.gone.get(key)
         return [p for p in pods if p["metadata"].get("uid") not in gone] if gone else pods
 
@@ -202,7 +221,7 @@ class Reconciler:
 
     # ---- timer: progress + safety net --------------------------------------------------
     async def tick(self, key: Key) -> None:
-        """Called by the kopf timer every progress_interval seconds for each live job."""
+        """Called by the fleet timer (fleet_timer.py) every progress_interval seconds for each live job."""
         st = self.state.setdefault(key, JobState())
         job = self.jobs.get(key)
         if job is None:
@@ -210,8 +229,11 @@ class Reconciler:
         status = st.status_of(job)
         changed = False
         if status.attempt != st.sample_attempt:
-            st.sample, st.sample_attempt = None, status.attempt
-        if status.phase == "Running":
+            st.sample, st.sample_attempt, st.unanswered, st.skipped = None, status.attempt, 0, 0
+        if status.phase == "Running" and not scrape_due(st.unanswered, st.skipped):
+            st.skipped += 1
+        elif status.phase == "Running":
+            st.skipped = 0
             uid = job["metadata"].get("uid") or ""
             pods = [p for p in self.pods_of(key) if counts_for(p, uid)]
             workers = (job.get("spec") or {}).get("workers", 1)
@@ -223,10 +245,47 @@ class Reconciler:
             # one that never answered stays "unknown" (None), never a stall.
             if sample is not None:
                 changed = sample != st.sample
-                st.sample = sample
-        due = time.monotonic() - st.last_reconcile >= self.config.timer_interval
+                st.sample, st.unanswered = sample, 0
+            elif st.sample is None:
+                st.unanswered += 1
+        now = time.monotonic()
+        due = now - st.last_reconcile >= self.config.timer_interval
+        if due and not changed and self._settled(key, job, st, status.phase, now):
+            st.last_reconcile = now  # re-checked: every input is what the last decision saw
+            return
         if changed or due:
             await self.trigger(key, "timer" if due else "progress")
+
+    def _settled(self, key: Key, job: Mapping[str, Any], st: JobState, phase: str | None,
+                 now: float) -> bool:
+        """Whether a safety-net reconcile would only repeat the last one: same job
+        resourceVersion, same pods (uid, resourceVersion), same facts of their nodes, same
+        progress sample, before the last decision's own wake-up time. A missed or mishandled
+        event leaves the caches newer than that decision, so it is still re-decided; every
+        SETTLED_FULL_EVERY timer intervals a job is re-decided anyway (a time rule missing
+        from decide's wake-up times is caught there). Running and finished jobs only: a
+        queued job's Kueue reason is read from the API server, not from the watches."""
+        if phase != "Running" and phase not in TERMINAL_PHASES:
+            return False
+        if now - st.last_full >= SETTLED_FULL_EVERY * self.config.timer_interval:
+            st.last_full = now
+            return False
+        return st.settled is not None and now < st.settled_until and st.settled == self._inputs(key, job, st)
+
+    def _inputs(self, key: Key, job: Mapping[str, Any], st: JobState) -> tuple | None:
+        """What a reconcile of the job reads from the caches, as a comparable value (None:
+        something is read outside the caches, never settled)."""
+        if self.handoffs.active(key):
+            return None
+        pods = self.pods_of(key)
+        nodes = {(p.get("spec") or {}).get("nodeName") for p in pods} - {None}
+        node_facts = tuple(sorted(
+            (n, n in self.nodes_gone,
+             tuple((f["ready"], f["since"], f["rv"]) for f in self.node_index.get(n, ()))
+             if self.node_index is not None else ()) for n in nodes))
+        return (_rv(job), tuple(sorted((p["metadata"].get("uid"), p["metadata"].get("resourceVersion"))
+                                       for p in pods)),
+                node_facts, st.sample)
 
     # ---- one reconcile -------------------------------------------------------------------
     async def reconcile(self, key: Key, trigger: str) -> None:
@@ -236,12 +295,21 @@ class Reconciler:
         job = self.jobs.get(key)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
+        if self.handoffs.active(key):
+            await self.handoffs.refresh(key, job)
+            if self.handoffs.extra(key):  # no watch event will announce their changes: look again soon
+                self._schedule(key, self.config.progress_interval)
         inputs = Inputs(pods=lambda: self.pods_of(key), unready_nodes=self._unready_nodes, sample=st.sample,
                         last_status_write=st.last_progress_write, pod_change_since=pod_change_since,
                         queue_message=self._queue_message)
+        seen, st.settled = self._inputs(key, job, st), None
         out = await self.step.run(job, inputs, trigger=trigger, remember=lambda body: self._remember(key, body))
         if out.status_written_at is not None:
             st.last_progress_write = out.status_written_at
+        elif seen is not None:  # nothing written: these inputs decide nothing new until the wake-up
+            st.settled = seen
+            st.settled_until = time.monotonic() + (out.requeue_after if out.requeue_after is not None
+                                                   else float("inf"))
         if out.requeue_after is not None:
             self._schedule(key, max(0.2, float(out.requeue_after)))
 
@@ -251,5 +319,5 @@ class Reconciler:
     def _remember(self, key: Key, job: dict | None) -> None:
         if job is None:
             self.job_gone(key)
-        else:
+        elif key in self.jobs:  # else dropped meanwhile (deleted, or moved to another shard)
             self.jobs[key] = without_managed_fields(job)

@@ -10,7 +10,10 @@ from .api import TrainingJobSpec
 
 def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
     hp, lora, ckpt = spec.hyperparameters, spec.lora, spec.checkpoint
+    s3 = spec.output.push.s3 if spec.output.push else None
     return TrainerConfig(
+        push_s3_bucket=s3.bucket if s3 else None, push_s3_prefix=s3.prefix if s3 else None,
+        push_s3_endpoint=s3.endpoint if s3 else None, push_s3_region=s3.region if s3 else None,
         model=spec.model, dataset=spec.dataset.path, text_field=spec.dataset.text_field,
         prompt_field=spec.dataset.prompt_field, completion_field=spec.dataset.completion_field,
         dataset_format=spec.dataset.format, messages_field=spec.dataset.messages_field,
@@ -28,11 +31,20 @@ def trainer_config(spec: TrainingJobSpec) -> TrainerConfig:
         lora_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         lora_target_modules=tuple(lora.target_modules), method=spec.method.lower(),
         precision=hp.precision, gradient_checkpointing=hp.gradient_checkpointing,
+        packing=spec.dataset.packing, strategy=spec.strategy.lower(),
         metrics_port=DEFAULT_METRICS_PORT, metrics_addr="0.0.0.0",
         termination_log=DEFAULT_TERMINATION_LOG, nproc_per_node=max(1, spec.resources.gpus),
         stop_timeout=stop_timeout_for_grace(spec.run_policy.termination_grace_period_seconds),
     )
 
 
+# The image runs offline (trainer-image/Dockerfile; docs/TRAINER.md pitfall 3); a hub id needs
+# the hub. A template env entry of the same name still wins (pods._env).
+HUB_ONLINE_ENV = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+
+
 def trainer_env(spec: TrainingJobSpec) -> dict[str, str]:
-    return trainer_config(spec).to_env()
+    env = trainer_config(spec).to_env()
+    if not spec.model.startswith("/"):  # a hub id (the API takes a hub id or an absolute path)
+        env |= HUB_ONLINE_ENV
+    return env

@@ -64,8 +64,7 @@ def deployed(cluster):
     real = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(DEPLOY),
                            timeout=120)
     assert "Warning" not in real.stderr, real.stderr
-    cluster.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
-                    "--timeout=60s")
+    cluster.wait_established("trainingjobs.finetune.dev")
     again = cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server",
                             "-k", str(DEPLOY), timeout=120)
     assert "Warning" not in again.stderr, again.stderr
@@ -75,16 +74,6 @@ def deployed(cluster):
     cluster.kubectl("-n", OP_NS, "delete", "deployment", "finetune-operator", "--wait=false",
                     "--ignore-not-found", check=False)
 
-
-@pytest.fixture
-def session_operator_paused(operator):
-    """The session operator (admin identity, no leader election) frozen with SIGSTOP, so it
-    neither reconciles nor holds anything while another operator acts."""
-    operator.pause()
-    try:
-        yield operator
-    finally:
-        operator.resume()
 
 
 @pytest.fixture

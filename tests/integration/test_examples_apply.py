@@ -11,7 +11,8 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.mark.parametrize("path", ["examples/storage/claims.yaml", "examples/storage/stage-pod.yaml",
-                                  "examples/trainingjob.yaml"])
+                                  "examples/trainingjob.yaml", "examples/storage/stage-job.yaml",
+                                  "examples/hub-model-trainingjob.yaml"])
 def test_example_is_accepted_by_the_api_server(cluster, namespace, crd, path):
     out = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(REPO / path))
     assert "(server dry run)" in out.stdout and "Warning" not in out.stderr, (out.stdout, out.stderr)

@@ -15,7 +15,7 @@ import requests
 
 from finetune_testbed.identities import lease, lease_holder, metric_samples, metric_value
 from finetune_testbed.jobs import Jobs, job_manifest, sim
-from finetune_testbed.operator_proc import FAST_ARGS, OperatorProcess
+from finetune_testbed.operator_proc import OperatorProcess, election_replica, leader_gauge
 from finetune_testbed.procs import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -26,30 +26,9 @@ LEASE_DURATION, RETRY = 15.0, 2.0  # config.py / leader.py defaults, the Deploym
 SLACK = 8.0
 
 
-@pytest.fixture
-def session_operator_paused(operator):
-    """The session operator frozen with SIGSTOP, so only the replicas under test act."""
-    operator.pause()
-    try:
-        yield operator
-    finally:
-        operator.resume()
-
 
 def replica(cluster, namespace: str, identity: str) -> OperatorProcess:
-    op = OperatorProcess(cluster.kubeconfig, cluster.log_dir, name=f"operator-{identity}",
-                         args=[*FAST_ARGS, "--leader-elect",
-                               f"--leader-election-namespace={namespace}",
-                               f"--leader-election-id={LEASE}", f"--identity={identity}"])
-    op.identity = identity
-    return op
-
-
-def leader_gauge(op: OperatorProcess) -> float | None:
-    try:
-        return metric_value(op.metrics_text(), "finetune_operator_leader")
-    except requests.RequestException:
-        return None
+    return election_replica(cluster, namespace, identity, LEASE)
 
 
 def wait_standby(op: OperatorProcess, timeout: float = 30) -> None:

@@ -176,7 +176,7 @@ def bare_cluster():
     c = LocalCluster(config=ClusterConfig(gpu_nodes=0))
     c.start()
     c.kubectl("apply", "-f", str(REPO / "crds" / "finetune.dev_trainingjobs.yaml"))
-    c.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev", "--timeout=60s")
+    c.wait_established("trainingjobs.finetune.dev")
     op = OperatorProcess(c.kubeconfig, c.log_dir).start()
     try:
         yield c

@@ -102,8 +102,7 @@ def test_missing_crd_exits_naming_it_then_starts_once_installed(tmp_path):
         assert not op.ready(), "the failed operator still answers /readyz"
 
         bare.kubectl("apply", "-f", str(REPO / "crds"))
-        bare.kubectl("wait", "--for=condition=Established", "crd/trainingjobs.finetune.dev",
-                     "--timeout=60s")
+        bare.wait_established("trainingjobs.finetune.dev")
         op = OperatorProcess(bare.kubeconfig, bare.log_dir, name="operator-with-crd")
         try:
             op.start(wait_ready=True)  # /readyz 200: the API server answered

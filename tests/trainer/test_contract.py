@@ -83,6 +83,7 @@ def test_full_round_trip_and_env_names():
         "FT_EPOCHS", "FT_LEARNING_RATE", "FT_BATCH_SIZE", "FT_GRAD_ACCUM", "FT_SEQ_LEN", "FT_SEED",
         "FT_LORA_R", "FT_LORA_ALPHA", "FT_LORA_DROPOUT", "FT_LORA_TARGET_MODULES", "FT_METRICS_PORT",
         "FT_METRICS_ADDR", "FT_TERMINATION_LOG", "FT_NPROC_PER_NODE", "FT_STOP_TIMEOUT_SECONDS",
+        "FT_PACKING", "FT_STRATEGY",
     }  # fmt: skip
     assert set(env) == contract_names
     assert all(isinstance(v, str) for v in env.values())
@@ -179,7 +180,7 @@ def test_help_documents_every_option_with_type_default_and_variable():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  --([a-z-]+) \S+\s+(.*)$", done.stdout, re.M)}
+    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  --([a-z0-9-]+) \S+\s+(.*)$", done.stdout, re.M)}
     fields = dataclasses.fields(c.TrainerConfig)
     assert set(lines) == {f.name.replace("_", "-") for f in fields}
     for f in fields:
@@ -188,6 +189,8 @@ def test_help_documents_every_option_with_type_default_and_variable():
         assert f"[{c.field_type(f.name)}; env {f.metadata['env']}; default: {c.field_default(f.name)}]" in text
     assert "default: 100]" in lines["save-steps"] and "default: q_proj,v_proj]" in lines["lora-target-modules"]
     assert "[JSON; env FT_TRAINING_ARGUMENTS; default: unset]" in lines["training-arguments"]
+    assert "[bool; env FT_PACKING; default: false]" in lines["packing"] and "seq-len tokens" in lines["packing"]
+    assert "ddp | fsdp" in lines["strategy"] and "[str; env FT_STRATEGY; default: ddp]" in lines["strategy"]
     assert "78 bad configuration" in done.stdout
 
 

@@ -375,3 +375,37 @@ def test_operator_tracebacks_and_own_ones():
     assert tracebacks[1].splitlines()[-1] == "ConnectionError: reset"
     assert own_tracebacks(tracebacks) == [tracebacks[0]]
     assert operator_tracebacks("2024-05-01 10:00:00,000 INFO all quiet\n") == []
+
+
+# --- shards ---------------------------------------------------------------------------------------
+def test_shared_holdings_finds_overlaps_only():
+    from finetune_testbed.chaos.invariants import Holding, shared_holdings
+
+    handover = [Holding("ns/a", "a-1", 0, 10), Holding("ns/a", "a-2", 10, None),  # touching: fine
+                Holding("ns/b", "b-1", 0, None), Holding("ns/c", "a-1", 0, 5), Holding("ns/c", "a-1", 4, 9)]
+    assert shared_holdings(handover) == []
+    overlap = [Holding("ns/a", "a-1", 0, 10.5), Holding("ns/a", "a-2", 10, None)]
+    assert shared_holdings(overlap) == ["ns/a: held by a-1 from 0.000 to 10.500 and by a-2 from 10.000"]
+    still_held = [Holding("ns/a", "a-1", 0, None), Holding("ns/a", "b-1", 100, 101)]
+    assert len(shared_holdings(still_held)) == 1
+
+
+def test_holdings_and_acts_from_operator_logs():
+    from finetune_testbed.chaos.invariants import acts_from_log, holdings_from_log, unheld_acts
+
+    log = "\n".join([
+        "2026-12-01 04:00:00,000 INFO    finetune.operator: operator starting",
+        "2026-12-01 04:00:01,250 DEBUG   finetune.reconcile: ns/j1: holding (shard a)",
+        "2026-12-01 04:00:01,300 DEBUG   finetune.reconcile: ns/j2: holding (shard a)",
+        "2026-12-01 04:00:02,000 INFO    finetune.reconcile: ns/j1: pod j1-1 created",
+        "2026-12-01 04:00:05,000 DEBUG   finetune.reconcile: ns/j2: released (deleted, or moved out of this shard)",
+        "2026-12-01 04:00:06,000 INFO    finetune.reconcile: ns/j2: deleting pod j2-1 (Superseded)",
+    ])
+    base = time.mktime(time.strptime("2026-12-01 04:00:00", "%Y-%m-%d %H:%M:%S"))
+    holdings = holdings_from_log(log, "a-1", ended_at=base + 9)
+    assert sorted((h.job, round(h.start - base, 3), h.end - base) for h in holdings) == [
+        ("ns/j1", 1.25, 9.0), ("ns/j2", 1.3, 5.0)]
+    acts = acts_from_log(log, "a-1")
+    assert [(j, t - base) for j, _, t, _ in acts] == [("ns/j1", 2.0), ("ns/j2", 6.0)]
+    assert unheld_acts(acts, holdings) == [
+        f"a-1 acted on ns/j2 at {base + 6:.3f} (deleting pod j2-1) without holding it"]

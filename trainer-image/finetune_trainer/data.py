@@ -166,7 +166,12 @@ def eval_config(cfg: TrainerConfig) -> TrainerConfig:
 
 
 class PadCollator:
-    """Right-pad ``input_ids``/``labels`` to the longest example of the batch; build attention_mask."""
+    """Right-pad ``input_ids``/``labels`` to the longest example of the batch; build attention_mask.
+
+    Packed rows (with ``position_ids``) get no attention_mask: transformers then masks attention
+    per packed example from the position ids (docs/TRAINER.md "Packing"); the padding continues
+    as a segment of its own (positions from 0, labels -100).
+    """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -175,13 +180,22 @@ class PadCollator:
         import torch
 
         width = max(len(f["input_ids"]) for f in features)
-        ids, labels, mask = [], [], []
+        packed = "position_ids" in features[0]
+        ids, labels, mask, positions = [], [], [], []
         for f in features:
             n = len(f["input_ids"])
             pad = width - n
             ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
             mask.append([1] * n + [0] * pad)
+            if packed:
+                positions.append(list(f["position_ids"]) + list(range(pad)))
+        if packed:
+            return {
+                "input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "position_ids": torch.tensor(positions, dtype=torch.long),
+            }
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),

@@ -20,6 +20,7 @@ from typing import Any
 import finetune_contract as c
 from finetune_contract import ConfigError, TrainerConfig
 
+from . import packing
 from .data import IGNORE_INDEX, Prepared, columns_of, dataset_files, eval_config
 from .util import LOG, atomic_write_text
 
@@ -189,6 +190,7 @@ def cache_key(cfg: TrainerConfig, tokenizer: Any, eval_split: bool = False) -> s
                 cfg.completion_field,
                 cfg.messages_field,
                 cfg.seq_len,
+                cfg.packing,
                 getattr(tokenizer, "chat_template", None),
                 tokenizer.eos_token_id,
                 type(tokenizer).__name__,
@@ -217,6 +219,12 @@ def tokenized(
         os.makedirs(directory, exist_ok=True)
         started = time.perf_counter()
         features = _tokenize(eval_config(cfg) if eval_split else cfg, tokenizer, prepared, path, key)
+        if cfg.packing:  # docs/TRAINER.md "Packing"; the unpacked file is only the packer's input
+            unpacked = features
+            features = packing.pack_features(unpacked, cfg.seq_len, path)
+            LOG.info("packed %d examples into %d rows of <= %d tokens", unpacked.num_rows, features.num_rows,
+                     cfg.seq_len)  # fmt: skip
+            os.remove(unpacked.cache_files[0]["filename"])
         atomic_write_text(done, json.dumps({"rows": features.num_rows, "format": prepared.format}) + "\n")
         LOG.info(
             "tokenized %d of %d records (%s) in %.1fs; cached in %s",
@@ -250,7 +258,7 @@ def _tokenize(cfg: TrainerConfig, tokenizer: Any, prepared: Prepared, path: str,
         batch_features,
         batched=True,
         remove_columns=prepared.records.column_names,
-        cache_file_name=path,
+        cache_file_name=path + ".unpacked" if cfg.packing else path,
         load_from_cache_file=False,
         new_fingerprint=key,  # no hashing of the function (the tokenizer) by datasets
     )

@@ -21,7 +21,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 import finetune_contract as c
 
 from . import checkpoints as ckpts
-from . import features, prepare, tracking
+from . import features, prepare, strategy, tracking
 from .control import TrainerControlCallback, distributed
 from .data import PadCollator
 from .stop import PreemptedBeforeTraining
@@ -44,8 +44,9 @@ def train(
     t_start = time.perf_counter()
     dtype, bf16, fp16 = prepare.precision(cfg)
     prepare.check_method(cfg)
+    strategy.check(cfg, torch.cuda.is_available(), int(os.environ.get("WORLD_SIZE", "1")))
     transformers.set_seed(cfg.seed)
-    args = training_arguments(cfg, bf16, fp16)
+    args = training_arguments(cfg, bf16, fp16, model_path)
     is_main = args.process_index == 0  # also initializes torch.distributed under torchrun
     reporting = tracking.configure(args, cfg)
     if is_main:
@@ -82,9 +83,12 @@ def train(
     return _completed(trainer, cfg, model_path, report, is_main, (t_start, t_train))
 
 
-def training_arguments(cfg: c.TrainerConfig, bf16: bool, fp16: bool) -> TrainingArguments:
+def training_arguments(
+    cfg: c.TrainerConfig, bf16: bool, fp16: bool, model_path: str | None = None
+) -> TrainingArguments:
     """The HF arguments of a run (5.x names, docs/TRAINER.md pitfall 6; quiet, pitfall 11; seeded, pitfall 12),
-    with ``cfg.training_arguments`` passed through (docs/TRAINER.md "Training arguments")."""
+    with ``cfg.training_arguments`` passed through (docs/TRAINER.md "Training arguments") and the
+    strategy's FSDP settings (docs/TRAINER.md "FSDP")."""
     on_gpu = torch.cuda.is_available()
     owned = dict(
         output_dir=cfg.effective_checkpoint_dir,
@@ -121,6 +125,7 @@ def training_arguments(cfg: c.TrainerConfig, bf16: bool, fp16: bool) -> Training
     if cfg.gradient_checkpointing:  # non-reentrant: works with a frozen base, no input grads needed
         defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     passed = passthrough_arguments(cfg)
+    owned.update(strategy.fsdp_arguments(cfg, model_path, passed.get("fsdp_config")))
     try:
         return TrainingArguments(**{**defaults, **passed, **owned})
     except (TypeError, ValueError) as e:
@@ -239,7 +244,9 @@ def _finish_if_complete(
         LOG.info("checkpoint %s is already at step %d of %d: nothing to train", resume.path, resume.step, done)
     _teardown()
     merged = _merge_if_asked(cfg, model_path, is_main)
-    return c.OUTCOME_COMPLETED, f"already complete at step {resume.step}/{done}; adapter in {cfg.output_dir}{merged}"
+    pushed = _push_if_asked(cfg, is_main, report)
+    return (c.OUTCOME_COMPLETED,
+            f"already complete at step {resume.step}/{done}; adapter in {cfg.output_dir}{merged}{pushed}")
 
 
 # -- the outcome -----------------------------------------------------------------------------
@@ -285,6 +292,7 @@ def _completed(
     report.refresh_checkpoint()
     _teardown()
     merged = _merge_if_asked(cfg, model_path, is_main)
+    pushed = _push_if_asked(cfg, is_main, report)
     if is_main:
         now = time.perf_counter()
         LOG.info(
@@ -296,7 +304,8 @@ def _completed(
         )
     return (
         c.OUTCOME_COMPLETED,
-        f"completed {state.global_step}/{state.max_steps} steps; adapter in {cfg.output_dir}{merged}{_notes(report)}",
+        f"completed {state.global_step}/{state.max_steps} steps; adapter in {cfg.output_dir}{merged}{pushed}"
+        f"{_notes(report)}",
     )
 
 
@@ -307,6 +316,16 @@ def _merge_if_asked(cfg: c.TrainerConfig, model_path: str, is_main: bool) -> str
     from .merge import merge_adapter
 
     return f"; merged model in {merge_adapter(cfg, model_path, prepare.precision(cfg)[0])}"
+
+
+def _push_if_asked(cfg: c.TrainerConfig, is_main: bool, report: Any) -> str:
+    """FT_PUSH_S3_* on rank 0, after the merge (docs/TRAINER.md "Push"); a message suffix."""
+    if not (cfg.push_uri and is_main):
+        return ""
+    from .push import push_output
+
+    report.pushed = push_output(cfg)  # only a completed message carries it
+    return f"; pushed to {report.pushed}"
 
 
 # A rank that is gone must not hold the others in the teardown barrier for the process

@@ -36,6 +36,7 @@ class Report:
         self.loss: float | None = None
         self.resumed_from: int | None = None
         self.skipped: list[str] = []
+        self.pushed: str | None = None  # set once the push finished (docs/TRAINER.md "Push")
         self.written: dict[str, Any] | None = None
         self._lock = threading.Lock()  # the stop deadline may finish from its own thread
 
@@ -59,6 +60,7 @@ class Report:
             checkpoint_step=self.checkpoint_step,
             loss=self.loss,
             resumed_from=self.resumed_from,
+            pushed=self.pushed if outcome == c.OUTCOME_COMPLETED else None,
             message=message,
         )
         with self._lock:
@@ -219,6 +221,10 @@ def _check(cfg: c.TrainerConfig, rank: int) -> tuple[str, data.Prepared | None]:
     check_writable_dir(cfg.output_dir, "output directory")
     check_writable_dir(cfg.effective_checkpoint_dir, "checkpoint directory")
     check_writable_dir(cfg.work_dir, "trainer work directory")
+    if cfg.push_uri:
+        from . import push
+
+        push.check(cfg)  # wrong credentials fail now, not after the run
     return model_path, data.prepare(cfg)
 
 

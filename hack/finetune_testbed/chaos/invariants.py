@@ -364,3 +364,85 @@ def operator_tracebacks(log_text: str) -> list[str]:
 def own_tracebacks(tracebacks: list[str], limit: int = 5) -> list[str]:
     """Tracebacks through the operator's own code (a library's alone is not our bug)."""
     return [tb for tb in tracebacks if "finetune_operator" in tb][:limit]
+
+
+# --- shards (docs/SHARDING.md) ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Holding:
+    """Replica `replica` held job `job` from `start` until `end` (epoch seconds; `end` None: still
+    held when observed last)."""
+
+    job: str
+    replica: str
+    start: float
+    end: float | None = None
+
+
+def shared_holdings(holdings: Iterable[Holding]) -> list[str]:
+    """No job held by two replicas at once: one line per overlapping pair. Touching intervals
+    (one ends where the next starts) do not overlap."""
+    by_job: dict[str, list[Holding]] = defaultdict(list)
+    for h in holdings:
+        by_job[h.job].append(h)
+    out = []
+    for job, hs in sorted(by_job.items()):
+        hs.sort(key=lambda h: h.start)
+        for i, a in enumerate(hs):
+            a_end = float("inf") if a.end is None else a.end
+            out += [f"{job}: held by {a.replica} from {a.start:.3f} to {a_end:.3f} and by {b.replica} "
+                    f"from {b.start:.3f}" for b in hs[i + 1:] if b.replica != a.replica and b.start < a_end]
+    return out
+
+
+def _log_time(stamp: str) -> float:
+    """Epoch seconds of the operator's log timestamp (logging's asctime: local time, ms)."""
+    whole, ms = stamp.split(",")
+    return time.mktime(time.strptime(whole, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+
+
+# The operator's DEBUG lines when it takes and drops a job (reconciler.py, reconcile_step.py).
+_HOLD = re.compile(r"^(\S+ \S+) \S+\s+finetune\.\S+: (\S+)/(\S+): (holding|released|moved to shard)")
+
+
+def holdings_from_log(log_text: str, replica: str, ended_at: float | None = None) -> list[Holding]:
+    """Holding intervals of one replica from its log (times in the log's local time); a job still
+    held when the log ends is held until `ended_at` (the process's end; None: still running)."""
+    out: list[Holding] = []
+    open_at: dict[str, float] = {}
+    for line in log_text.splitlines():
+        m = _HOLD.match(line)
+        if not m:
+            continue
+        stamp, ns, name, what = m.groups()
+        t = _log_time(stamp)
+        job = f"{ns}/{name}"
+        if what == "holding":
+            open_at.setdefault(job, t)
+        elif job in open_at:
+            out.append(Holding(job, replica, open_at.pop(job), t))
+    out += [Holding(job, replica, t, ended_at) for job, t in open_at.items()]
+    return out
+
+
+_ACT = re.compile(r"^(\S+ \S+) \S+\s+finetune\.\S+: (\S+)/(\S+): (pod \S+ (?:created|adopted)|deleting pod \S+)")
+
+
+def acts_from_log(log_text: str, replica: str) -> list[tuple[str, str, float, str]]:
+    """(job, replica, time, what) for every pod the replica created, adopted or deleted."""
+    out = []
+    for line in log_text.splitlines():
+        if m := _ACT.match(line):
+            stamp, ns, name, what = m.groups()
+            t = _log_time(stamp)
+            out.append((f"{ns}/{name}", replica, t, what))
+    return out
+
+
+def unheld_acts(acts: Iterable[tuple[str, str, float, str]], holdings: Iterable[Holding]) -> list[str]:
+    """Acts on a job by a replica that did not hold the job at that moment."""
+    held = defaultdict(list)
+    for h in holdings:
+        held[(h.job, h.replica)].append(h)
+    return [f"{replica} acted on {job} at {t:.3f} ({what}) without holding it"
+            for job, replica, t, what in acts
+            if not any(h.start <= t and (h.end is None or t <= h.end) for h in held[(job, replica)])]

@@ -92,7 +92,18 @@ SPEC_RULES: dict[str, list[dict[str, str]]] = {
         {
             "rule": "!has(self.workloadPriorityClassName) || has(self.queueName)",
             "message": "workloadPriorityClassName needs queueName: it is the priority of the job's Kueue Workloads",
-        }
+        },
+        {
+            "rule": "!has(self.strategy) || self.strategy != 'FSDP' || !has(self.method) || self.method != 'QLoRA'",
+            "message": "strategy FSDP does not support method QLoRA (4-bit weights are not sharded): use strategy "
+            "DDP with QLoRA, or method LoRA with FSDP",
+        },
+        {
+            "rule": "!has(self.strategy) || self.strategy != 'FSDP' "
+            "|| (has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1) "
+            "* (has(self.workers) ? self.workers : 1) >= 2",
+            "message": "strategy FSDP shards the model across GPUs: it needs resources.gpus x workers >= 2",
+        },
     ],
     "failurePolicy.rules[]": [
         {

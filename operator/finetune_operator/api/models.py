@@ -66,6 +66,7 @@ KUEUE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # its location and starting point; suspend, runPolicy, failurePolicy and template stay editable.
 RUN_FIELDS = (
     "image", "model", "dataset", "method", "lora", "hyperparameters", "resources", "workers", "trainingArguments",
+    "strategy",
 )
 RUN_CHECKPOINT_FIELDS = ("claimName", "mountPath", "resumeFrom")
 
@@ -195,6 +196,11 @@ class Dataset(SpecModel):
         max_length=256,
         description="JSON field holding the completion (prompt/completion datasets; used with promptField).",
     )
+    packing: bool = Field(
+        False,
+        description="Pack tokenized examples into sequences of hyperparameters.sequenceLength tokens: fewer, "
+        "fuller steps. Each example keeps its own attention and loss mask (docs/TRAINER.md \"Packing\").",
+    )
 
     @model_validator(mode="after")
     def _prompt_and_completion_together(self) -> Dataset:
@@ -323,13 +329,64 @@ class Evaluation(SpecModel):
         return self
 
 
+class S3Push(SpecModel):
+    """An S3-compatible bucket the output directory is copied to after training (docs/TRAINER.md "Push")."""
+
+    bucket: str = Field(
+        min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$", description="Bucket name."
+    )
+    prefix: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        pattern=r"^[^/].*$",
+        description="Key prefix of the pushed files; unset: trainingjobs/<namespace>/<name>/<uid> (the job's "
+        "own, like its directory on the claim).",
+    )
+    endpoint: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^https?://[^/]+/?$",
+        description="Endpoint URL of an S3-compatible store (http(s)://host[:port]); unset: AWS S3.",
+    )
+    region: str | None = Field(None, min_length=1, max_length=64, description="Region of the bucket.")
+    secret_name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(AWS_SESSION_TOKEN optional).",
+    )
+
+
+class Push(SpecModel):
+    """Where the trained output goes besides the checkpoint claim (the HF Hub is not offered yet)."""
+
+    s3: S3Push = Field(description="An S3-compatible store (AWS S3, MinIO, Ceph RGW, GCS's XML API, ...).")
+
+
 class Output(SpecModel):
-    """What the trainer leaves in the job's output directory besides the adapter."""
+    """What the trainer leaves in the job's output directory besides the adapter, and where it is pushed."""
 
     merge: bool = Field(
         False,
         description="Also save the base model with the LoRA merged into its weights, under <output>/merged "
         "(a full copy of the base model's size on the checkpoint volume).",
+    )
+    push: Push | None = Field(
+        None,
+        description="After training, rank 0 copies the output directory (adapter, and merged/ with merge) to "
+        "this store, once; a failed push fails the attempt and the files stay on the claim.",
+    )
+
+
+class ModelCache(SpecModel):
+    """A claim for the Hugging Face cache (HF_HOME), so hub models are downloaded once, not per attempt."""
+
+    claim_name: str = Field(
+        min_length=1, max_length=253, description="PersistentVolumeClaim mounted as HF_HOME (/var/cache/huggingface)."
+    )
+    sub_path: str | None = Field(
+        None, min_length=1, max_length=4096, pattern=r"^[^/]", description="Directory of the claim to mount."
     )
 
 
@@ -501,6 +558,12 @@ class TrainingJobSpec(SpecModel):
         "on it: needs GPUs (resources.gpus >= 1); without one the trainer exits with a configuration error.",
     )
     lora: LoRA = Field(default_factory=LoRA, description="LoRA settings.", json_schema_extra={"default": {}})
+    strategy: Literal["DDP", "FSDP"] = Field(
+        "DDP",
+        description="How the GPUs of a job share the work. DDP: a full model copy per GPU; FSDP: the model's "
+        "parameters sharded across all the job's GPUs (FSDP2 wrapping each decoder layer), so a base model larger "
+        "than one GPU trains. FSDP needs more than one GPU in all (resources.gpus x workers) and method LoRA.",
+    )
     hyperparameters: Hyperparameters = Field(description="Optimisation settings.")
     training_arguments: FreeForm | None = Field(
         None,
@@ -533,7 +596,13 @@ class TrainingJobSpec(SpecModel):
     )
     evaluation: Evaluation | None = Field(None, description="An eval split and how often to evaluate it.")
     output: Output = Field(
-        default_factory=Output, description="Extra outputs (a merged model).", json_schema_extra={"default": {}}
+        default_factory=Output, description="Extra outputs (a merged model, a push to S3).",
+        json_schema_extra={"default": {}},
+    )
+    model_cache: ModelCache | None = Field(
+        None,
+        description="A claim for the Hugging Face cache (HF_HOME) where hub models are downloaded; a model "
+        "given by hub id is fetched online (HF_HUB_OFFLINE=0) whether or not it is set.",
     )
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy, description="Retries, resumes and time limits.", json_schema_extra={"default": {}}
@@ -558,6 +627,15 @@ class TrainingJobSpec(SpecModel):
         "preempts which); only with queueName. Not template.priorityClassName, the pods' scheduling PriorityClass.",
     )
     template: PodTemplate | None = Field(None, description="Pod-level overrides.")
+
+    @model_validator(mode="after")
+    def _fsdp_needs_lora_and_gpus(self) -> TrainingJobSpec:
+        if self.strategy == "FSDP" and self.method == "QLoRA":
+            raise ValueError("strategy FSDP does not support method QLoRA (4-bit weights are not sharded): use "
+                             "strategy DDP with QLoRA, or method LoRA with FSDP")
+        if self.strategy == "FSDP" and self.resources.gpus * self.workers < 2:
+            raise ValueError("strategy FSDP shards the model across GPUs: it needs resources.gpus x workers >= 2")
+        return self
 
     @model_validator(mode="after")
     def _priority_needs_queue(self) -> TrainingJobSpec:

@@ -179,6 +179,8 @@ def _succeed(obs: Observation, status: TrainingJobStatus, pod: PodObservation | 
     report = dict(pod.termination_message) if pod is not None and pod.termination_message else {}
     step = report.get("step")
     at_step = f" at step {step}" if isinstance(step, int) and not isinstance(step, bool) else ""
+    pushed = report.get("pushed")  # the trainer's push target, set once every file was stored
+    pushed_to = f"; pushed to {pushed}" if isinstance(pushed, str) and pushed else ""
     return _update(
         status,
         phase="Succeeded",
@@ -188,7 +190,8 @@ def _succeed(obs: Observation, status: TrainingJobStatus, pod: PodObservation | 
             f"adapter in {status.output_path}"
             if status.output_path
             else "adapter in an emptyDir (no checkpoint.claimName): gone with the pod"
-        ),
+        )
+        + pushed_to,
         completion_time=_now(obs),
         progress=final_progress(status.progress, report, _now(obs)),
     )

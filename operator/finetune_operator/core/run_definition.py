@@ -15,15 +15,22 @@ from ..api.models import RUN_CHECKPOINT_FIELDS, RUN_FIELDS, TrainingJobSpec
 
 # Run-defining fields 0.1.0 did not have (YAML names), left out of its fingerprint.
 ADDED_SINCE_0_1_0: dict[str, tuple[str, ...]] = {
-    "": ("trainingArguments",),
-    "dataset": ("format", "messagesField"),
+    "": ("trainingArguments", "strategy"),
+    "dataset": ("format", "messagesField", "packing"),
     "hyperparameters": ("precision", "gradientCheckpointing"),
 }
+
+# Top-level run fields added after the fingerprint took a null for every unset field: left out
+# at their default, so jobs created before them keep their fingerprint.
+OMITTED_AT_DEFAULT = ("strategy",)
 
 
 def run_definition(spec: TrainingJobSpec, *, legacy: bool = False) -> dict:
     body = spec.model_dump(mode="json", by_alias=True, exclude_defaults=not legacy)
     out = {name: body.get(name) for name in RUN_FIELDS}
+    for name in OMITTED_AT_DEFAULT:
+        if out.get(name) is None:
+            del out[name]
     out["checkpoint"] = {name: (body.get("checkpoint") or {}).get(name) for name in RUN_CHECKPOINT_FIELDS}
     if legacy:
         for name in ADDED_SINCE_0_1_0[""]:

@@ -39,6 +39,13 @@ ENV_EVAL_STEPS = "FT_EVAL_STEPS"
 ENV_OUTPUT_DIR = "FT_OUTPUT_DIR"
 # true: also save the base model with the LoRA merged into it, under <FT_OUTPUT_DIR>/merged.
 ENV_MERGE = "FT_MERGE"
+# An S3-compatible store the output directory is copied to after training (rank 0, once per
+# completed attempt; docs/TRAINER.md "Push"). Credentials are AWS_ACCESS_KEY_ID and
+# AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN optional), from a Secret; the endpoint is a URL.
+ENV_PUSH_S3_BUCKET = "FT_PUSH_S3_BUCKET"
+ENV_PUSH_S3_PREFIX = "FT_PUSH_S3_PREFIX"
+ENV_PUSH_S3_ENDPOINT = "FT_PUSH_S3_ENDPOINT"
+ENV_PUSH_S3_REGION = "FT_PUSH_S3_REGION"
 ENV_CHECKPOINT_DIR = "FT_CHECKPOINT_DIR"
 ENV_SAVE_STEPS = "FT_SAVE_STEPS"
 ENV_SAVE_TOTAL_LIMIT = "FT_SAVE_TOTAL_LIMIT"
@@ -58,6 +65,10 @@ ENV_LORA_TARGET_MODULES = "FT_LORA_TARGET_MODULES"
 ENV_METHOD = "FT_METHOD"
 ENV_PRECISION = "FT_PRECISION"
 ENV_GRADIENT_CHECKPOINTING = "FT_GRADIENT_CHECKPOINTING"
+# true: concatenate tokenized examples into sequences of FT_SEQ_LEN tokens (docs/TRAINER.md "Packing").
+ENV_PACKING = "FT_PACKING"
+# ddp (a copy of the model per GPU) | fsdp (parameters sharded across the GPUs; docs/TRAINER.md "FSDP").
+ENV_STRATEGY = "FT_STRATEGY"
 ENV_METRICS_PORT = "FT_METRICS_PORT"
 ENV_METRICS_ADDR = "FT_METRICS_ADDR"
 ENV_TERMINATION_LOG = "FT_TERMINATION_LOG"
@@ -129,6 +140,7 @@ TERMINATION_MESSAGE_KEYS = (
     "checkpointStep",
     "loss",
     "resumedFrom",
+    "pushed",
     "message",
 )
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -173,6 +185,9 @@ METHOD_QLORA = "qlora"
 METHODS = (METHOD_LORA, METHOD_QLORA)
 # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+STRATEGY_DDP = "ddp"
+STRATEGY_FSDP = "fsdp"
+STRATEGIES = (STRATEGY_DDP, STRATEGY_FSDP)
 
 # Where FT_MERGE puts the merged model, inside the output directory.
 MERGED_SUBDIR = "merged"
@@ -213,7 +228,8 @@ OWNED_TRAINING_ARGUMENTS = {
     "eval_strategy": "spec.evaluation (evaluates when an eval split is set)",
     "do_eval": "spec.evaluation (evaluates when an eval split is set)",
     "eval_steps": "spec.evaluation.everySteps",
-    "push_to_hub": "the trainer (no push yet; the adapter is in the output directory)",
+    "push_to_hub": "spec.output.push (S3-compatible stores; the HF Hub is not offered yet)",
+    "fsdp": "spec.strategy (fsdp_config may still be tuned)",
 }
 
 
@@ -306,6 +322,20 @@ class TrainerConfig:
     merge: bool = _field(
         ENV_MERGE, False, help="Also save the base model with the adapter merged into it, under <output-dir>/merged."
     )
+    push_s3_bucket: str | None = _field(
+        ENV_PUSH_S3_BUCKET, None, help="After training, copy the output directory to this S3 bucket (rank 0)."
+    )
+    push_s3_prefix: str | None = _field(
+        ENV_PUSH_S3_PREFIX, None, help="Key prefix of the pushed files in the bucket; unset: the bucket's root."
+    )
+    push_s3_endpoint: str | None = _field(
+        ENV_PUSH_S3_ENDPOINT,
+        None,
+        help="S3-compatible endpoint URL (http(s)://host[:port]); unset: AWS S3 (https://s3.amazonaws.com).",
+    )
+    push_s3_region: str | None = _field(
+        ENV_PUSH_S3_REGION, None, help="Region of the bucket; unset: asked of the store."
+    )
     checkpoint_dir: str | None = _field(
         ENV_CHECKPOINT_DIR,
         None,
@@ -339,6 +369,12 @@ class TrainerConfig:
     gradient_checkpointing: bool = _field(
         ENV_GRADIENT_CHECKPOINTING, False, help="Recompute activations in the backward pass: less memory, slower steps."
     )
+    packing: bool = _field(
+        ENV_PACKING, False, help="Pack tokenized examples into sequences of seq-len tokens (fewer, fuller steps)."
+    )
+    strategy: str = _field(
+        ENV_STRATEGY, STRATEGY_DDP, help="ddp | fsdp: with several processes, replicate the model or shard it (FSDP2)."
+    )
     metrics_port: int = _field(
         ENV_METRICS_PORT, DEFAULT_METRICS_PORT, help="Prometheus /metrics port on rank 0; 0 picks a free one."
     )
@@ -370,6 +406,14 @@ class TrainerConfig:
     @property
     def evaluates(self) -> bool:
         return bool(self.eval_dataset) or self.eval_fraction is not None
+
+    @property
+    def push_uri(self) -> str | None:
+        """Where the output directory is pushed: s3://<bucket>/<prefix>/, or None."""
+        if not self.push_s3_bucket:
+            return None
+        prefix = (self.push_s3_prefix or "").strip("/")
+        return f"s3://{self.push_s3_bucket}/{prefix + '/' if prefix else ''}"
 
     @property
     def work_dir(self) -> str:
@@ -438,6 +482,7 @@ class TrainerConfig:
             p.append(f"{ENV_METHOD} must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             p.append(f"{ENV_PRECISION} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        p.extend(strategy_problems(self.strategy, self.method))
         for name, minimum in (
             ("save_steps", 1),
             ("batch_size", 1),
@@ -461,9 +506,24 @@ class TrainerConfig:
             p.append(f"{ENV_LORA_DROPOUT} must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             p.append(f"{ENV_LORA_TARGET_MODULES} is empty")
+        if not self.push_s3_bucket and (self.push_s3_prefix or self.push_s3_endpoint or self.push_s3_region):
+            p.append(f"{ENV_PUSH_S3_PREFIX}/{ENV_PUSH_S3_ENDPOINT}/{ENV_PUSH_S3_REGION} need {ENV_PUSH_S3_BUCKET}")
+        if self.push_s3_endpoint and not self.push_s3_endpoint.startswith(("http://", "https://")):
+            p.append(f"{ENV_PUSH_S3_ENDPOINT} must be an http:// or https:// URL, got {self.push_s3_endpoint!r}")
         if not (0 <= self.metrics_port <= 65535):
             p.append(f"{ENV_METRICS_PORT} must be in 0..65535, got {self.metrics_port}")
         return p
+
+
+def strategy_problems(strategy: str, method: str) -> list[str]:
+    """FT_STRATEGY values that can never work (the API refuses the same pair as spec.strategy/spec.method)."""
+    if strategy not in STRATEGIES:
+        return [f"{ENV_STRATEGY} must be one of {', '.join(STRATEGIES)}, got {strategy!r}"]
+    if strategy == STRATEGY_FSDP and method == METHOD_QLORA:
+        # FSDP would have to shard bitsandbytes' packed 4-bit weights (docs/TRAINER.md "FSDP")
+        return [f"{ENV_STRATEGY}=fsdp with {ENV_METHOD}=qlora is not supported: use strategy ddp with qlora, "
+                f"or method lora with fsdp"]
+    return []
 
 
 def _env_of(field_name: str) -> str:
@@ -504,7 +564,7 @@ _INT_FIELDS = {
     "eval_steps",
 }
 _FLOAT_FIELDS = {"epochs", "learning_rate", "lora_dropout", "eval_fraction"}
-_BOOL_FIELDS = {"merge", "gradient_checkpointing"}
+_BOOL_FIELDS = {"merge", "gradient_checkpointing", "packing"}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -583,6 +643,7 @@ def termination_message(
     checkpoint_step: int | None = None,
     loss: float | None = None,
     resumed_from: int | None = None,
+    pushed: str | None = None,
     message: str = "",
 ) -> dict[str, Any]:
     """Build a termination message dict with exactly the contract's keys."""
@@ -600,6 +661,7 @@ def termination_message(
         "checkpointStep": None if checkpoint_step is None else int(checkpoint_step),
         "loss": loss,
         "resumedFrom": None if resumed_from is None else int(resumed_from),
+        "pushed": pushed,
         "message": one_line(message),
     }
 
