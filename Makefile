@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TRANSFORMERS_VERBOSITY := error
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv binaries tools test test-unit test-cluster test-trainer lint manifests check-manifests \
+.PHONY: help venv binaries test-binaries tools test test-unit test-cluster test-trainer lint manifests check-manifests \
         cluster-up cluster-down run install uninstall deploy undeploy demo bench chaos clean \
         images docker-build docker-push node-tools
 
@@ -50,6 +50,10 @@ venv: $(STAMP)
 binaries:
 	bash hack/build-binaries.sh
 
+# ... and MinIO, which only the trainer's push tests need (tests/trainer/test_push_s3.py).
+test-binaries: binaries
+	bash hack/build-binaries.sh minio
+
 manifests: $(STAMP)
 	$(VPY) -m finetune_operator.api.crd --write crds/
 	bash hack/sync-crd.sh
@@ -73,7 +77,7 @@ node-tools:
 
 # The Go builds (CPU-bound) and the image builds (downloads, unpacking, layer writes) overlap.
 test: $(STAMP) tools lint check-manifests
-	$(MAKE) --no-print-directory -j2 binaries images
+	$(MAKE) --no-print-directory -j2 test-binaries images
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
