@@ -67,10 +67,14 @@ class FleetTimer:
         admitted = -ADMIT_EVERY
         while True:
             now = loop.time()
-            if now - admitted >= ADMIT_EVERY:
-                self._admit(now)
+            try:
+                if now - admitted >= ADMIT_EVERY:
+                    self._admit(now)
+                    admitted = now
+                self._fire(now)
+            except Exception:  # a bug here must not end every job's safety net silently
+                log.exception("fleet timer round failed; retried in %.0fs", ADMIT_EVERY)
                 admitted = now
-            self._fire(now)
             next_due = self._due[0][0] if self._due else now + ADMIT_EVERY
             await asyncio.sleep(min(max(GRANULARITY, next_due - loop.time()), ADMIT_EVERY))
 

@@ -20,24 +20,33 @@ def stall_alert_seconds(spec: TrainingJobSpec | None) -> int:
     return timeout if timeout is not None else UNSET_STALL_ALERT_SECONDS
 
 
-def fleet_row(job: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+def fleet_row(job: Mapping[str, Any], now: dt.datetime, status: TrainingJobStatus | None = None,
+              stall_seconds: int | None = None) -> dict[str, Any]:
     """One job's part of the fleet gauges, as docs/CONTRACTS.md defines them: how long it has
     been Queued (since its attempt started, else since creation) and whether it is Running
-    without a step heartbeat (else since the attempt started) for longer than its stall timeout."""
-    status = parse_status(job.get("status"))
+    without a step heartbeat (else since the attempt started) for longer than its stall timeout.
+    `status` and `stall_seconds` (job_stall_seconds) may come parsed already: the reconciler
+    keeps them per resourceVersion, so a scrape of 1,000 jobs does not run pydantic 2,000 times."""
+    status = parse_status(job.get("status")) if status is None else status
     phase = status.phase or "Queued"
     row: dict[str, Any] = {"phase": phase}
     if phase == "Queued":
         since = status.attempt_start_time or parse_time((job.get("metadata") or {}).get("creationTimestamp"))
         row["queued_for"] = (now - since).total_seconds() if since else None
     if phase == "Running":
-        try:
-            spec: TrainingJobSpec | None = parse_spec(job.get("spec"))
-        except SpecError:
-            spec = None  # decide() fails such a job; until then the contract's threshold applies
+        threshold = job_stall_seconds(job) if stall_seconds is None else stall_seconds
         last = (status.progress.heartbeat_time if status.progress else None) or status.attempt_start_time
-        row["stalling"] = last is not None and (now - last).total_seconds() > stall_alert_seconds(spec)
+        row["stalling"] = last is not None and (now - last).total_seconds() > threshold
     return row
+
+
+def job_stall_seconds(job: Mapping[str, Any]) -> int:
+    """The stalled_jobs threshold of this job's spec."""
+    try:
+        spec: TrainingJobSpec | None = parse_spec(job.get("spec"))
+    except SpecError:
+        spec = None  # decide() fails such a job; until then the contract's threshold applies
+    return stall_alert_seconds(spec)
 
 
 def record_status_change(namespace: str, spec: TrainingJobSpec | None, created: dt.datetime | None,

@@ -19,7 +19,7 @@ from . import metrics
 from .api import TERMINAL_PHASES, TrainingJobStatus, parse_status
 from .config import OperatorConfig
 from .core import PodObservation, ProgressSample, UnreadyNodes, counts_for, kueue, parse_time, pod_name
-from .job_metrics import fleet_row
+from .job_metrics import fleet_row, job_stall_seconds
 from .kube import TRANSPORT_ERRORS, ApiError, KubeClient
 from .kube import resource_version as _rv
 from .kueue_workloads import queue_message
@@ -57,6 +57,7 @@ class JobState:
     triggers: set[str] = field(default_factory=set)
     parsed_status: TrainingJobStatus | None = None  # of the job at parsed_rv
     parsed_rv: int = -1
+    stall_seconds: int | None = None  # of the job at parsed_rv (job_metrics.job_stall_seconds)
     # The inputs of the last reconcile that wrote nothing, and until when (monotonic) its
     # decision stands without new inputs (its wake-up time): the timer skips re-deciding those.
     settled: tuple | None = None
@@ -68,7 +69,15 @@ class JobState:
         rv = _rv(job)
         if self.parsed_status is None or rv != self.parsed_rv:
             self.parsed_status, self.parsed_rv = parse_status(job.get("status")), rv
+            self.stall_seconds = None
         return self.parsed_status
+
+    def stall_seconds_of(self, job: Mapping[str, Any]) -> int:
+        """The stalled_jobs threshold of its spec, parsed once per resourceVersion (every scrape reads it)."""
+        self.status_of(job)
+        if self.stall_seconds is None:
+            self.stall_seconds = job_stall_seconds(job)
+        return self.stall_seconds
 
 
 class Reconciler:
@@ -181,8 +190,10 @@ class Reconciler:
     def fleet(self) -> Iterable[tuple[str, dict]]:
         """Rows for the scrape-time gauges (metrics.FleetCollector)."""
         now = utcnow()
-        for (ns, _name), job in list(self.jobs.items()):
-            yield ns, fleet_row(job, now)
+        for key, job in list(self.jobs.items()):
+            st = self.state.setdefault(key, JobState())
+            status = st.status_of(job)
+            yield key[0], fleet_row(job, now, status, st.stall_seconds_of(job) if status.phase == "Running" else None)
 
     # ---- triggering ----------------------------------------------------------------
     async def trigger(self, key: Key, trigger: str) -> None:

@@ -51,3 +51,27 @@ def test_a_spec_that_fails_validation_gets_the_contract_threshold():
 
 def test_finished_jobs_are_neither_queued_nor_stalled():
     assert fleet_row(job({"phase": "Succeeded", "attemptStartTime": ts(9999)}), NOW) == {"phase": "Succeeded"}
+
+
+def test_the_reconcilers_rows_are_parsed_once_per_resource_version_and_follow_an_edit(monkeypatch):
+    from finetune_operator import job_metrics, reconciler
+    from finetune_operator.config import OperatorConfig
+
+    monkeypatch.setattr(reconciler, "utcnow", lambda: NOW)
+    r = reconciler.Reconciler(client=None, config=OperatorConfig())
+    running = {"phase": "Running", "attemptStartTime": ts(1000)}
+    body = job(running, stall=600)
+    body["metadata"].update(namespace="ns", name="j", resourceVersion="7")
+    r.jobs[("ns", "j")] = body
+    parsed: list = []
+    real = job_metrics.job_stall_seconds
+    monkeypatch.setattr(reconciler, "job_stall_seconds", lambda j: parsed.append(1) or real(j))
+    assert [row for _, row in r.fleet()] == [{"phase": "Running", "stalling": True}]
+    assert [row for _, row in r.fleet()] == [{"phase": "Running", "stalling": True}]
+    assert len(parsed) == 1  # the second scrape read the cached threshold
+    # the stall timeout edited (runPolicy is editable): a new resourceVersion, parsed again
+    edited = job(running, stall=3600)
+    edited["metadata"].update(namespace="ns", name="j", resourceVersion="8")
+    r.jobs[("ns", "j")] = edited
+    assert [row for _, row in r.fleet()] == [{"phase": "Running", "stalling": False}]
+    assert len(parsed) == 2

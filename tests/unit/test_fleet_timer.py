@@ -110,3 +110,24 @@ def test_a_failing_tick_does_not_stop_the_others(monkeypatch):
 
     asyncio.run(_run_for(FleetTimer(jobs, tick, interval=0.1), 0.6))
     assert ticks[("ns", "a")] >= 3 and ticks[("ns", "b")] >= 3
+
+
+def test_a_failing_round_does_not_end_the_other_jobs_ticks(monkeypatch):
+    monkeypatch.setattr(fleet_timer, "ADMIT_EVERY", 0.05)
+    jobs = {("ns", "bad"): _job("bad"), ("ns", "good"): _job("good")}
+    real = fleet_timer.needs_timer
+
+    def needs_timer(job):
+        if job["metadata"]["name"] == "bad":
+            raise RuntimeError("a bug in needs_timer")
+        return real(job)
+
+    monkeypatch.setattr(fleet_timer, "needs_timer", needs_timer)
+    ticks: Counter = Counter()
+
+    async def tick(key):
+        ticks[key] += 1
+
+    asyncio.run(_run_for(FleetTimer(jobs, tick, interval=0.2), 1.5))
+    assert ticks[("ns", "bad")] == 0
+    assert ticks[("ns", "good")] >= 5, ticks
