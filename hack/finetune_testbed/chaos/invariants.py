@@ -6,8 +6,9 @@ import calendar
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from .common import attempt_of, disrupted_pod, exit_code_of, pod_live, pods_by_job, rank_of
 from .plans import JobPlan
@@ -16,6 +17,12 @@ TERMINAL = ("Succeeded", "Failed")
 # Failed with these reasons concludes the last attempt as counted (a failure or a resume);
 # any other Failed reason is an uncounted failure.
 COUNTED_FAILURE_REASONS = ("BackoffLimitExceeded", "MaxResumesExceeded")
+class _OfJob(Protocol):
+    @property
+    def job(self) -> str: ...
+
+
+T = TypeVar("T", bound=_OfJob)
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
 
@@ -301,18 +308,9 @@ def _how_long(t: float | None, since: float, now: float) -> str:
 def attempt_overlaps(spans: Iterable[PodSpan]) -> list[dict]:
     """Moments when pods of two attempts of one job were live at once (live: from first_seen
     until ended), one entry per pair of overlapping pods of different attempts."""
-    by_job: defaultdict[str, list[PodSpan]] = defaultdict(list)
-    for span in spans:
-        by_job[span.job].append(span)
     out = []
-    for job, items in sorted(by_job.items()):
-        items.sort(key=lambda s: s.first_seen)
-        for i, a in enumerate(items):
-            for b in items[i + 1:]:
-                a_end = a.ended if a.ended is not None else float("inf")
-                if b.first_seen >= a_end or b.attempt == a.attempt:
-                    continue
-                out.append({"job": job, "pods": sorted([a.name, b.name]), "t": round(b.first_seen, 1)})
+    for job, a, b in _overlapping(spans, lambda s: s.first_seen, lambda s: s.ended, lambda s: s.attempt):
+        out.append({"job": job, "pods": sorted([a.name, b.name]), "t": round(b.first_seen, 1)})
     return out
 
 
@@ -381,16 +379,26 @@ class Holding:
 def shared_holdings(holdings: Iterable[Holding]) -> list[str]:
     """No job held by two replicas at once: one line per overlapping pair. Touching intervals
     (one ends where the next starts) do not overlap."""
-    by_job: dict[str, list[Holding]] = defaultdict(list)
-    for h in holdings:
-        by_job[h.job].append(h)
+    return [f"{job}: held by {a.replica} from {a.start:.3f} to {float('inf') if a.end is None else a.end:.3f} "
+            f"and by {b.replica} from {b.start:.3f}"
+            for job, a, b in _overlapping(holdings, lambda h: h.start, lambda h: h.end, lambda h: h.replica)]
+
+
+def _overlapping(items: Iterable[T], start: Callable[[T], float], end: Callable[[T], float | None],
+                 owner: Callable[[T], object]) -> list[tuple[str, T, T]]:
+    """(job, a, b) for each pair of one job's intervals with different owners that overlap: b
+    starts before a ends (an open end is open for ever; touching intervals do not overlap),
+    a starting first."""
+    by_job: defaultdict[str, list[T]] = defaultdict(list)
+    for item in items:
+        by_job[item.job].append(item)
     out = []
-    for job, hs in sorted(by_job.items()):
-        hs.sort(key=lambda h: h.start)
-        for i, a in enumerate(hs):
-            a_end = float("inf") if a.end is None else a.end
-            out += [f"{job}: held by {a.replica} from {a.start:.3f} to {a_end:.3f} and by {b.replica} "
-                    f"from {b.start:.3f}" for b in hs[i + 1:] if b.replica != a.replica and b.start < a_end]
+    for job, group in sorted(by_job.items()):
+        group.sort(key=start)
+        for i, a in enumerate(group):
+            a_end = end(a)
+            a_end = float("inf") if a_end is None else a_end
+            out += [(job, a, b) for b in group[i + 1:] if owner(b) != owner(a) and start(b) < a_end]
     return out
 
 
