@@ -13,7 +13,7 @@ export TRANSFORMERS_VERBOSITY := error
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help venv binaries test-binaries tools test test-unit test-cluster test-trainer lint manifests check-manifests \
-        cluster-up cluster-down run install uninstall deploy undeploy demo bench chaos clean \
+        cluster-up cluster-down run install uninstall deploy undeploy demo bench bench-scale chaos clean \
         images docker-build docker-push node-tools
 
 help:
@@ -33,7 +33,7 @@ help:
 	@echo "make install       - apply the CRD to the current kubeconfig; uninstall deletes it"
 	@echo "make deploy        - apply deploy/ (CRD, namespace, RBAC, operator) to the current kubeconfig;"
 	@echo "                     undeploy deletes it"
-	@echo "make bench / chaos - benchmark and chaos runs"
+	@echo "make bench / chaos - benchmark and chaos runs; bench-scale: the cost curve to 10,000 jobs"
 
 # One repository, four distributions (pyproject.toml lists them); one pip run resolves the
 # local ones by name.
@@ -136,6 +136,10 @@ bench: $(STAMP) $(OPVENV)/.installed binaries $(CLIENT_SITE)/.installed
 	$(VPY) -m bench.run --operator-python $(OPVENV)/bin/python $(BENCH_ARGS)
 	$(VPY) -m bench.client_compare --site $(CLIENT_SITE)
 	$(if $(BENCH_GANG),$(VPY) -m bench.gang_restart --operator-python $(OPVENV)/bin/python $(BENCH_GANG_ARGS))
+
+# The cost curve: 1,000 / 3,000 / 10,000 TrainingJobs of which 1,000 Running (bench/README.md).
+bench-scale: $(STAMP) $(OPVENV)/.installed binaries
+	$(VPY) -m bench.scale --operator-python $(OPVENV)/bin/python $(SCALE_ARGS)
 
 JOBS ?= 300
 chaos: $(STAMP) binaries

@@ -34,10 +34,11 @@ from finetune_testbed.cluster import REPO, ClusterConfig, LocalCluster
 from finetune_testbed.jobs import job_manifest, sim
 from finetune_testbed.operator_proc import OperatorProcess
 
+from .controlplane import CRD
 from .kubeapi import Api, ApiError
 from .procstat import wait_until
 from .report import percentile
-from .run import CRD, OPERATOR_ARGS, _finite
+from .run import OPERATOR_ARGS, _finite
 from .watcher import _Stream
 
 NAMESPACE = "bench-gang"

@@ -28,22 +28,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from finetune_testbed.cluster import REPO, ClusterConfig, LocalCluster
+from finetune_testbed.cluster import REPO, LocalCluster
 from finetune_testbed.operator_proc import OperatorProcess
 from finetune_testbed.procs import Proc
 
-from . import apimetrics, profiling, report, workload
-from .kubeapi import Api, ApiError
+from . import apimetrics, controlplane, profiling, report, workload
+from .kubeapi import Api
 from .procstat import ProcSampler, wait_until
 from .watcher import Watcher, job_state, trainingjob_state
 
-CRD = REPO / "crds" / "finetune.dev_trainingjobs.yaml"
 # Production defaults of finetune_operator/config.py, spelled out so a change of default
 # does not silently change what the benchmark measures.
 OPERATOR_ARGS = ["--timer-interval", "30", "--progress-interval", "10",
                  "--progress-write-interval", "15", "--node-lost-seconds", "60",
                  "--log-level", "INFO"]
-CONTROL_PLANE = ("kube-apiserver", "etcd", "kwok", "kube-scheduler")
+CONTROL_PLANE = controlplane.CONTROL_PLANE
 T0 = time.monotonic()
 T = TypeVar("T")
 
@@ -258,28 +257,12 @@ def _names(n: int) -> list[str]:
 
 
 def _create_namespace(ctx: Context, ns: str) -> None:
-    ctx.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                          "metadata": {"name": ns}})
-
-    def sa_exists() -> dict | None:
-        try:
-            return ctx.api.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default")
-        except ApiError:
-            return None
-    wait_until(sa_exists, 90, f"default ServiceAccount in {ns}", interval=0.2)
+    controlplane.create_namespace(ctx.api, ns)
 
 
 def _delete_namespace(ctx: Context, ns: str, timeout: float) -> float:
     t = time.monotonic()
-    ctx.api.request("DELETE", f"/api/v1/namespaces/{ns}")
-
-    def gone() -> bool:
-        try:
-            ctx.api.get(f"/api/v1/namespaces/{ns}")
-            return False
-        except ApiError as exc:
-            return exc.status == 404
-    wait_until(gone, timeout, f"namespace {ns} deleted", interval=0.5)
+    controlplane.delete_namespace(ctx.api, ns, timeout)
     return time.monotonic() - t
 
 
@@ -288,16 +271,22 @@ def _run_all(ctx: Context, fn: Callable[[T], object], items: Iterable[T]) -> Non
         f.result()
 
 
-def _paced(ctx: Context, fn: Callable[[T], object], items: Sequence[T], rate: float) -> None:
-    """Calls fn(item) at `rate` per second (started on schedule, run on the pool)."""
+def paced(pool: ThreadPoolExecutor, fn: Callable[[T], object], items: Sequence[T],
+          rate: float | None) -> None:
+    """Calls fn(item) at `rate` per second (started on schedule, run on the pool; None: all
+    at once) and waits for every call."""
     start, futures = time.monotonic(), []
     for i, item in enumerate(items):
-        delay = start + i / rate - time.monotonic()
+        delay = start + i / rate - time.monotonic() if rate else 0
         if delay > 0:
             time.sleep(delay)
-        futures.append(ctx.pool.submit(fn, item))
+        futures.append(pool.submit(fn, item))
     for f in futures:
         f.result()
+
+
+def _paced(ctx: Context, fn: Callable[[T], object], items: Sequence[T], rate: float) -> None:
+    paced(ctx.pool, fn, items, rate)
 
 
 def _cp_cpu(ctx: Context) -> float:
@@ -553,12 +542,6 @@ def _finite(value: object) -> object:
     return value
 
 
-def _crd_established(api: Api) -> bool:
-    crd = api.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/trainingjobs.finetune.dev")
-    return any(c.get("type") == "Established" and c.get("status") == "True"
-               for c in (crd.get("status") or {}).get("conditions") or [])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     order = ["ours", "jobs"] if args.order == "ours-first" else ["jobs", "ours"]
@@ -567,14 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.jobs
     nodes = math.ceil(n / 8) + args.extra_nodes
     log(f"starting local control plane with {nodes} kwok GPU nodes")
-    cluster = LocalCluster(config=ClusterConfig(gpu_nodes=nodes, gpus_per_node=8, no_limits=True))
-    # Audit log (level Metadata): who made which request, for the API accounting.
-    policy = cluster.workdir / "audit-policy.yaml"
-    policy.write_text(apimetrics.AUDIT_POLICY)
-    audit_log = cluster.workdir / "audit.log"
-    cluster.config.extra_apiserver_args += [f"--audit-policy-file={policy}",
-                                            f"--audit-log-path={audit_log}",
-                                            "--audit-log-maxsize=0"]
+    cluster, audit_log = controlplane.new_cluster(nodes)
     ctx = Context(args, cluster, audit_log)
     meta = {"jobs": n, "nodes": nodes, "gpus_per_node": 8, "cores": os.cpu_count(),
             "order": " then ".join(order), "rate_per_s": args.rate,
@@ -589,12 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict = {}
     t_start = time.monotonic()
     try:
-        cluster.start()
+        ctx.api = controlplane.start(cluster)
         log(f"control plane ready in {cluster.startup_seconds:.1f}s ({cluster.workdir})")
-        cluster.kubectl("apply", "-f", str(CRD))
-        ctx.api = Api.for_cluster(cluster)
-        # polled: `kubectl wait --for=condition=...` fails at once while status.conditions is unset
-        wait_until(lambda: _crd_established(ctx.api), 60, "the TrainingJob CRD Established", 0.2)
         ctx.sampler.api_port = cluster.ports["apiserver"]
         warm_up(ctx)
         ctx.sampler.start()

@@ -14,7 +14,7 @@ import sys
 
 import kopf
 
-from . import metrics
+from . import kopf_barrier, metrics
 from .config import OperatorConfig, parse_args
 from .handlers import POD_SELECTOR, register
 from .health import HealthServer, keep_checking_api
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("kopf").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    kopf_barrier.install()
     return asyncio.run(run(cfg))
 
 

@@ -188,9 +188,17 @@ class Reconciler:
         return out
 
     def fleet(self) -> Iterable[tuple[str, dict]]:
-        """Rows for the scrape-time gauges (metrics.FleetCollector)."""
+        """Rows for the scrape-time gauges (metrics.FleetCollector). A finished job's row is
+        its phase (job_metrics.fleet_row), read without parsing its status: kept parsed, the
+        status of each of thousands of finished jobs would cost 14 KiB (bench/README.md)."""
         now = utcnow()
         for key, job in list(self.jobs.items()):
+            phase = (job.get("status") or {}).get("phase")
+            if phase in TERMINAL_PHASES:
+                if (done := self.state.get(key)) is not None:
+                    done.parsed_status, done.parsed_rv = None, -1
+                yield key[0], {"phase": phase}
+                continue
             st = self.state.setdefault(key, JobState())
             status = st.status_of(job)
             yield key[0], fleet_row(job, now, status, st.stall_seconds_of(job) if status.phase == "Running" else None)

@@ -75,3 +75,22 @@ def test_the_reconcilers_rows_are_parsed_once_per_resource_version_and_follow_an
     r.jobs[("ns", "j")] = edited
     assert [row for _, row in r.fleet()] == [{"phase": "Running", "stalling": False}]
     assert len(parsed) == 2
+
+
+def test_a_finished_jobs_row_is_its_phase_and_its_parsed_status_is_let_go(monkeypatch):
+    from finetune_operator import reconciler
+    from finetune_operator.config import OperatorConfig
+
+    monkeypatch.setattr(reconciler, "utcnow", lambda: NOW)
+    r = reconciler.Reconciler(client=None, config=OperatorConfig())
+    body = job({"phase": "Running", "attemptStartTime": ts(10)})
+    body["metadata"].update(namespace="ns", name="j", resourceVersion="7")
+    r.jobs[("ns", "j")] = body
+    assert [row for _, row in r.fleet()] == [{"phase": "Running", "stalling": False}]
+    assert r.state[("ns", "j")].parsed_status is not None  # kept for the next scrape
+    done = job({"phase": "Failed", "attemptStartTime": ts(9999)})
+    done["metadata"].update(namespace="ns", name="j", resourceVersion="9")
+    r.jobs[("ns", "j")] = done
+    rows = [row for _, row in r.fleet()]
+    assert rows == [fleet_row(done, NOW)] == [{"phase": "Failed"}]
+    assert r.state[("ns", "j")].parsed_status is None
