@@ -26,20 +26,12 @@ def new_cluster(nodes: int) -> tuple[LocalCluster, Path]:
     return cluster, audit_log
 
 
-def _crd_established(api: Api) -> bool:
-    crd = api.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/trainingjobs.finetune.dev")
-    return any(c.get("type") == "Established" and c.get("status") == "True"
-               for c in (crd.get("status") or {}).get("conditions") or [])
-
-
 def start(cluster: LocalCluster) -> Api:
     """Start the control plane and install the CRD; the benchmark's client."""
     cluster.start()
     cluster.kubectl("apply", "-f", str(CRD))
-    api = Api.for_cluster(cluster)
-    # polled: `kubectl wait --for=condition=...` fails at once while status.conditions is unset
-    wait_until(lambda: _crd_established(api), 60, "the TrainingJob CRD Established", 0.2)
-    return api
+    cluster.wait_established("trainingjobs.finetune.dev")
+    return Api.for_cluster(cluster)
 
 
 def create_namespace(api: Api, ns: str) -> None:

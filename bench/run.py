@@ -285,10 +285,6 @@ def paced(pool: ThreadPoolExecutor, fn: Callable[[T], object], items: Sequence[T
         f.result()
 
 
-def _paced(ctx: Context, fn: Callable[[T], object], items: Sequence[T], rate: float) -> None:
-    paced(ctx.pool, fn, items, rate)
-
-
 def _cp_cpu(ctx: Context) -> float:
     return sum(ctx.sampler.cpu_seconds(n) for n in CONTROL_PLANE)
 
@@ -422,8 +418,8 @@ def _complete(ctx: Context, side: Side, watcher: Watcher, rest: list[str], pod_o
     pods_path = f"/api/v1/namespaces/{side.namespace}/pods"
     log(f"{side.key}: completing {len(rest)} pods at {rate:g}/s")
     t_c = time.monotonic()
-    _paced(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
-                                          workload.SUCCEED_PATCH), rest, rate)
+    paced(ctx.pool, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
+                                              workload.SUCCEED_PATCH), rest, rate)
     wait_until(lambda: watcher.count_owners("complete") >= n, wait, f"{n} owners complete",
                0.05)
     # the two watch streams are independent: an owner's event can arrive before its pod's

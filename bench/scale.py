@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from finetune_testbed.cluster import REPO
-from finetune_testbed.jobs import job_manifest, sim
+from finetune_testbed.jobs import sim
 from finetune_testbed.operator_proc import OperatorProcess
 
 from . import apimetrics, controlplane, report, workload
@@ -81,20 +81,13 @@ class Scale:
         self.on_point: Callable[[dict, list[dict]], None] | None = None  # after each point
 
     # ---- helpers --------------------------------------------------------------------------
-    def _manifest(self, name: str, template: dict) -> dict:
-        m = job_manifest(name, template=json.loads(json.dumps(template)))
-        m["metadata"]["labels"] = {workload.BENCH_LABEL: self.run_id}
-        return m
-
-    def _each(self, fn: Callable[[str], object], items: Sequence[str], rate: float | None = None) -> None:
-        paced(self.pool, fn, items, rate)
-
     def _names(self, prefix: str, n: int) -> list[str]:
         first, self.serial = self.serial, self.serial + n
         return [f"{prefix}-{i:05d}" for i in range(first, first + n)]
 
     def _submit(self, names: list[str], template: dict, rate: float | None = None) -> None:
-        self._each(lambda n: self.api.create(self.path, self._manifest(n, template)), names, rate)
+        paced(self.pool, lambda n: self.api.create(self.path, workload.trainingjob(n, self.run_id, template)),
+              names, rate)
         self.total += len(names)
 
     def _owners_in(self, names: list[str], state: str) -> bool:
@@ -104,8 +97,8 @@ class Scale:
 
     def _finish_pods(self, owners: list[str], rate: float | None) -> None:
         pod_of = self.watcher.pod_of()
-        self._each(lambda o: self.api.merge_patch(f"{self.pods_path}/{pod_of[o]}",
-                                                  workload.SUCCEED_PATCH), owners, rate)
+        paced(self.pool, lambda o: self.api.merge_patch(f"{self.pods_path}/{pod_of[o]}",
+                                                        workload.SUCCEED_PATCH), owners, rate)
 
     def _start_active(self, n: int) -> list[str]:
         names = self._names("run", n)

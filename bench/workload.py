@@ -20,8 +20,8 @@ SUCCEED_PATCH = {"metadata": {"annotations": {"sim.finetune.dev/outcome": "succe
                                               "sim.finetune.dev/run-for": "0s"}}}
 
 
-def trainingjob(name: str, run_id: str) -> dict:
-    m = job_manifest(name, template=copy.deepcopy(RUNNING))
+def trainingjob(name: str, run_id: str, template: dict = RUNNING) -> dict:
+    m = job_manifest(name, template=copy.deepcopy(template))
     m["metadata"]["labels"] = {BENCH_LABEL: run_id}
     return m
 
