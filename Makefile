@@ -132,8 +132,15 @@ $(CLIENT_SITE)/.installed:
 	$(VPY) -m pip install -q --no-deps --target $(CLIENT_SITE) kubernetes_asyncio==36.1.0
 	touch $@
 
+# BENCH_RUNS=3: three runs in a row (sides alternate: ours, Job, ours, Job, ...), then their
+# median and (min-max) per row (bench/summary.py); JSON of each run in .state/bench-<time>/.
+BENCH_RUNS ?= 1
 bench: $(STAMP) $(OPVENV)/.installed binaries $(CLIENT_SITE)/.installed
-	$(VPY) -m bench.run --operator-python $(OPVENV)/bin/python $(BENCH_ARGS)
+	@dir=.state/bench-$$(date +%Y%m%d-%H%M%S); mkdir -p $$dir; \
+	for i in $$(seq $(BENCH_RUNS)); do \
+	  $(VPY) -m bench.run --operator-python $(OPVENV)/bin/python --json-out $$dir/run-$$i.json $(BENCH_ARGS) || exit 1; \
+	done; \
+	$(VPY) -m bench.summary $$dir/run-*.json
 	$(VPY) -m bench.client_compare --site $(CLIENT_SITE)
 	$(if $(BENCH_GANG),$(VPY) -m bench.gang_restart --operator-python $(OPVENV)/bin/python $(BENCH_GANG_ARGS))
 

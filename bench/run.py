@@ -347,6 +347,8 @@ def _submit(ctx: Context, side: Side, watcher: Watcher, names: list[str], res: d
     _run_all(ctx, create, names)
     res["submit_s"] = time.monotonic() - t0
     res["create_call_ms"] = report.lag_stats(create_s)
+    log(f"{side.key}: {n} owners submitted in {res['submit_s']:.1f}s "
+        f"(create call p50 {res['create_call_ms']['median_ms']:.0f} ms)")
     wait_until(lambda: watcher.count_pods() >= n, wait, f"{n} pods created", 0.05)
     res["pods_created_s"] = max(watcher.added_times("pod")) - t0
     log(f"{side.key}: all {n} pods exist after {res['pods_created_s']:.1f}s")

@@ -14,7 +14,7 @@ import sys
 
 import kopf
 
-from . import kopf_barrier, metrics
+from . import json_codec, kopf_barrier, metrics
 from .config import OperatorConfig, parse_args
 from .handlers import POD_SELECTOR, register
 from .health import HealthServer, keep_checking_api
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kopf").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     kopf_barrier.install()
+    json_codec.install_in_kopf()
     return asyncio.run(run(cfg))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from . import metrics
+from . import json_codec, metrics
 from .api import GROUP, PLURAL, VERSION
 from .config import OperatorConfig
 
@@ -240,7 +240,7 @@ class KubeClient:
                       accept: str | None = None) -> Any:
         await self._ensure()
         resource = _resource_of(path)
-        data = None if body is None else json.dumps(body)
+        data = None if body is None else json_codec.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
         if accept:
             headers["Accept"] = accept
@@ -249,7 +249,7 @@ class KubeClient:
         try:
             async with session.request(method, path.lstrip("/"), data=data,
                                              headers=headers, params=params) as resp:
-                text = await resp.text()
+                raw = await resp.read()
                 status = resp.status
         except TRANSPORT_ERRORS as exc:
             metrics.API_REQUESTS.labels(method.lower(), resource, "error").inc()
@@ -262,9 +262,9 @@ class KubeClient:
         self.state.ready, self.state.last_success = True, time.time()
         metrics.API_READY.set(1)
         try:
-            payload = json.loads(text) if text else None
+            payload = json_codec.loads(raw) if raw else None
         except ValueError:
-            payload = text
+            payload = raw.decode(errors="replace")
         if status == 401 and not isinstance(self._login, kopf.ConnectionInfo):
             await self.close()  # credentials rotated (projected SA token): log in again next time
         if status >= 400:

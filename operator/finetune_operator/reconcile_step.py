@@ -34,7 +34,7 @@ from .core import (
 )
 from .core.gang import STUCK_TERMINATING, STUCK_TERMINATING_SECONDS
 from .job_metrics import record_status_change
-from .kube import Conflict, KubeClient, NotFound
+from .kube import Conflict, KubeClient, NotFound, resource_version
 from .pods import build_pod, build_service
 from .sharding import Shard, shard_of
 from .trainer_env import trainer_env
@@ -124,6 +124,7 @@ class Inputs:
 class Outcome:
     requeue_after: float | None = None  # seconds until the decision may change without an event
     status_written_at: float | None = None  # monotonic, when a status was written
+    written_rv: int | None = None  # resourceVersion of the job as the last status write left it
 
 
 def _ignore(_job: dict | None) -> None:
@@ -193,6 +194,7 @@ class ReconcileStep:
                 remember(written)
                 job = written
                 last_write = out.status_written_at = time.monotonic()
+                out.written_rv = resource_version(written)
                 record_status_change(ns, obs.spec, created, obs.status, decision.status, obs.now)
                 if inputs.pod_change_since is not None:
                     metrics.STATUS_LAG.observe(time.monotonic() - inputs.pod_change_since)

@@ -58,11 +58,13 @@ class JobState:
     parsed_status: TrainingJobStatus | None = None  # of the job at parsed_rv
     parsed_rv: int = -1
     stall_seconds: int | None = None  # of the job at parsed_rv (job_metrics.job_stall_seconds)
-    # The inputs of the last reconcile that wrote nothing, and until when (monotonic) its
-    # decision stands without new inputs (its wake-up time): the timer skips re-deciding those.
+    # The inputs of the last reconcile (with the job as its status write left it, if it wrote),
+    # and until when (monotonic) its decision stands without new inputs (its wake-up time):
+    # the timer skips re-deciding those.
     settled: tuple | None = None
     settled_until: float = 0.0
-    last_full: float = 0.0  # monotonic; last timer reconcile that re-decided regardless
+    # monotonic; last timer reconcile that re-decided regardless (counted from the job's first sight)
+    last_full: float = field(default_factory=time.monotonic)
 
     def status_of(self, job: Mapping[str, Any]) -> TrainingJobStatus:
         """The job's status, parsed once per resourceVersion: the timer reads it every tick of every job."""
@@ -278,9 +280,10 @@ class Reconciler:
     def _settled(self, key: Key, job: Mapping[str, Any], st: JobState, phase: str | None,
                  now: float) -> bool:
         """Whether a safety-net reconcile would only repeat the last one: same job
-        resourceVersion, same pods (uid, resourceVersion), same facts of their nodes, same
-        progress sample, before the last decision's own wake-up time. A missed or mishandled
-        event leaves the caches newer than that decision, so it is still re-decided; every
+        resourceVersion (the one the last decision read, or wrote), same pods (uid,
+        resourceVersion), same facts of their nodes, same progress sample, before the last
+        decision's own wake-up time. A missed or mishandled event leaves the caches newer
+        than that decision, so it is still re-decided; every
         SETTLED_FULL_EVERY timer intervals a job is re-decided anyway (a time rule missing
         from decide's wake-up times is caught there). Running and finished jobs only: a
         queued job's Kueue reason is read from the API server, not from the watches."""
@@ -325,7 +328,10 @@ class Reconciler:
         out = await self.step.run(job, inputs, trigger=trigger, remember=lambda body: self._remember(key, body))
         if out.status_written_at is not None:
             st.last_progress_write = out.status_written_at
-        elif seen is not None:  # nothing written: these inputs decide nothing new until the wake-up
+            # Deciding again on the job as written, with the same pods, decides the same (the
+            # decision is a fixed point of decide; is_news drops the echo for the same reason).
+            seen = None if seen is None or out.written_rv is None else (out.written_rv, *seen[1:])
+        if seen is not None:  # these inputs decide nothing new until the wake-up
             st.settled = seen
             st.settled_until = time.monotonic() + (out.requeue_after if out.requeue_after is not None
                                                    else float("inf"))

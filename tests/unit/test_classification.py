@@ -354,7 +354,7 @@ def test_scheduled_pod_waiting_is_starting():
     queued = step(None).status
     d = step(queued, [starting_pod(1)], now=at(5))
     assert (d.status.phase, d.status.reason) == ("Starting", "ContainerCreating")
-    assert [(e.type, e.reason) for e in d.events] == [("Normal", "ContainerCreating")]
+    assert d.events == ()  # a quiet phase: the pod's own Events say it
 
 
 def test_queued_attempt_whose_pod_is_not_seen_is_created_again_without_counting():

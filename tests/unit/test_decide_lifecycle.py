@@ -28,6 +28,7 @@ from finetune_operator.core import (
     backoff_seconds,
     status_changed_materially,
 )
+from finetune_operator.core.decide import transition_event
 
 
 # --- a new job ------------------------------------------------------------------------------
@@ -50,12 +51,23 @@ def test_decide_again_on_its_own_output_is_quiet():
     assert again.creates == (CreatePod(1),)  # the same attempt again: AlreadyExists = adopt
 
 
-def test_running_transition_and_event():
+def test_running_transition_is_a_condition_not_an_event():
     queued = step(None).status
     d = step(queued, [running_pod(1)], now=at(20))
     assert d.status.phase == "Running" and d.status.reason is None
-    assert [(e.type, e.reason) for e in d.events] == [("Normal", "Running")]
+    assert d.events == ()  # quiet phase: the pod's Started Event and this condition say it
     assert d.status.condition("Running").status == "True"
+
+
+def test_only_routine_steps_into_starting_or_running_are_quiet():
+    new = step(None)
+    assert [(e.type, e.reason) for e in new.events] == [("Normal", "CreatingPod")]
+    running = step(new.status, [running_pod(1)], now=at(20)).status
+    done = step(running, [exited_pod(1, 0)], now=at(30))
+    assert [(e.type, e.reason) for e in done.events] == [("Normal", "Completed")]
+    recovered = running.model_copy(update={"phase": "Running", "reason": "StatusRecovered"})
+    assert transition_event(new.status, recovered).type == "Warning"
+    assert transition_event(new.status, running) is None
 
 
 # --- backoff --------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_a_new_job_writes_queued_then_creates_its_pod_then_starting():
 
     cluster.set_pod("ft-1", STARTING)
     reconcile(cluster, at(2))
-    assert cluster.calls == [("status", "Starting", "ContainerCreating"), ("event", "Normal", "ContainerCreating")]
+    assert cluster.calls == [("status", "Starting", "ContainerCreating")]
 
 
 def test_a_gang_writes_its_status_then_its_service_then_every_rank():

@@ -39,6 +39,10 @@ from .timing import backoff_seconds, deadline_at, resume_at, seconds_until, star
 IN_FLIGHT_PHASES = frozenset({"Queued", "Starting", "Running"})
 WARNING_PHASES = frozenset({"Failed", "Resuming"})
 WARNING_REASONS = frozenset({"StatusRecovered"})
+# Reaching these posts no Normal Event: the pod's own Events (Scheduled, Started) and the job's
+# conditions already say it, and two Events per job were 2 of its 9.6 API writes
+# (docs/ARCHITECTURE.md, "Events"). A Warning into them is still posted.
+QUIET_PHASES = frozenset({"Starting", "Running"})
 # Far more than any real chain (Running -> Resuming -> Queued): a safety stop, not a rule.
 MAX_TRANSITIONS = 8
 
@@ -352,10 +356,13 @@ def _step(obs: Observation, status: TrainingJobStatus) -> Step:
 
 
 # --- assembling the decision ----------------------------------------------------------------
-def transition_event(old: TrainingJobStatus, new: TrainingJobStatus) -> Event:
+def transition_event(old: TrainingJobStatus, new: TrainingJobStatus) -> Event | None:
+    """The Event of a phase change; None for a routine step into a quiet phase."""
+    warning = new.phase in WARNING_PHASES or new.reason in WARNING_REASONS
+    if not warning and new.phase in QUIET_PHASES:
+        return None
     reason = new.reason or new.phase or "Unknown"
     text = f"{old.phase or 'New'} -> {new.phase}" + (f": {new.message}" if new.message else "")
-    warning = new.phase in WARNING_PHASES or new.reason in WARNING_REASONS
     return Event("Warning" if warning else "Normal", reason, one_line(text, 1000))
 
 
@@ -462,8 +469,8 @@ def decide(obs: Observation) -> Decision:
     for _ in range(MAX_TRANSITIONS):
         new, step_actions = _step(obs, status)
         actions.extend(step_actions)
-        if new.phase != status.phase:
-            actions.append(transition_event(status, new))
+        if new.phase != status.phase and (event := transition_event(status, new)):
+            actions.append(event)
         if new == status:
             break
         status = new
