@@ -26,6 +26,7 @@ from .kueue_workloads import queue_message
 from .progress import ProgressReader, scrape_due
 from .reconcile_step import Inputs, KubeWriter, ReconcileStep, Writer, utcnow
 from .sharding import Handoffs, Shard
+from .slots import ROUTINE, URGENT, PrioritySlots
 
 log = logging.getLogger("finetune.reconcile")
 Key = tuple[str, str]
@@ -99,6 +100,7 @@ class Reconciler:
         self.node_index: Mapping | None = None
         self.shard = Shard.of(config)
         self.handoffs = Handoffs(client, self.shard)  # pods of jobs moved in, unseen by our pod watch
+        self.slots = PrioritySlots(config.concurrent_reconciles)
 
     # ---- inputs from watches -----------------------------------------------------
     def bind(self, pod_index: Mapping | None, node_index: Mapping | None) -> None:
@@ -216,17 +218,20 @@ class Reconciler:
         st.running = True
         try:
             while st.dirty:
-                st.dirty = False
-                which = "pod" if "pod" in st.triggers else sorted(st.triggers)[0]
-                st.triggers.clear()
-                with metrics.RECONCILE_SECONDS.labels(which).time():
-                    try:
-                        await self.reconcile(key, which)
-                    except Exception as exc:  # loud, counted, retried by the wake-up
-                        metrics.RECONCILE_ERRORS.labels(which).inc()
-                        log.error("reconcile %s/%s failed: %s", key[0], key[1], exc,
-                                  exc_info=not isinstance(exc, (ApiError, *TRANSPORT_ERRORS)))
-                        self._schedule(key, 5.0 + random.random() * 5)
+                # Jobs already started first: a new job's first reconcile waits (slots.py).
+                priority = ROUTINE if st.triggers == {"job"} else URGENT
+                async with self.slots.held(priority):  # triggers arriving while it waits join this run
+                    st.dirty = False
+                    which = "pod" if "pod" in st.triggers else sorted(st.triggers)[0]
+                    st.triggers.clear()
+                    with metrics.RECONCILE_SECONDS.labels(which).time():
+                        try:
+                            await self.reconcile(key, which)
+                        except Exception as exc:  # loud, counted, retried by the wake-up
+                            metrics.RECONCILE_ERRORS.labels(which).inc()
+                            log.error("reconcile %s/%s failed: %s", key[0], key[1], exc,
+                                      exc_info=not isinstance(exc, (ApiError, *TRANSPORT_ERRORS)))
+                            self._schedule(key, 5.0 + random.random() * 5)
         finally:
             st.running = False
 
