@@ -2,7 +2,7 @@
 
 Unbounded, 1,000 new jobs meant 1,000 reconciles in flight: the operator's CPU and its API
 requests crowded out everything else on the control plane (submitting 1,000 TrainingJobs took
-36 s against 2.8 s with the operator stopped), and every job's pod events waited behind that
+36 s against 2.4 s with the operator stopped), and every job's pod events waited behind that
 crowd. The Job controller bounds itself the same way (--concurrent-job-syncs). Waiting work
 runs by priority, FIFO within one: reconciles for pod changes and timed wake-ups of jobs
 already started go before the first reconcile of new jobs, so a bound that paces new jobs
