@@ -34,8 +34,8 @@ from finetune_testbed.cluster import REPO, ClusterConfig, LocalCluster
 from finetune_testbed.jobs import job_manifest, sim
 from finetune_testbed.operator_proc import OperatorProcess
 
-from .controlplane import CRD
-from .kubeapi import Api, ApiError
+from . import controlplane
+from .kubeapi import Api
 from .procstat import wait_until
 from .report import percentile
 from .run import OPERATOR_ARGS, _finite
@@ -209,19 +209,9 @@ def run(args: argparse.Namespace) -> dict:
                     "operator_args": OPERATOR_ARGS}
     op = watch = None
     try:
-        cluster.start()
+        api = controlplane.start(cluster)
         log(f"control plane with {nodes} kwok nodes ready in {cluster.startup_seconds:.1f}s")
-        cluster.kubectl("apply", "-f", str(CRD))
-        cluster.wait_established("trainingjobs.finetune.dev")
-        api = Api.for_cluster(cluster)
-        api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-
-        def sa_exists() -> bool:
-            try:
-                return bool(api.get(f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/default"))
-            except ApiError:
-                return False
-        wait_until(sa_exists, 90, "default ServiceAccount", interval=0.2)
+        controlplane.create_namespace(api, NAMESPACE)
         op = OperatorProcess(cluster.kubeconfig, cluster.log_dir, args=OPERATOR_ARGS, python=args.operator_python)
         op.start()
         watch = GangWatch(api, workers).start()

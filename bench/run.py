@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -256,19 +256,10 @@ def _names(n: int) -> list[str]:
     return [f"bj-{i:05d}" for i in range(n)]
 
 
-def _create_namespace(ctx: Context, ns: str) -> None:
-    controlplane.create_namespace(ctx.api, ns)
-
-
 def _delete_namespace(ctx: Context, ns: str, timeout: float) -> float:
     t = time.monotonic()
     controlplane.delete_namespace(ctx.api, ns, timeout)
     return time.monotonic() - t
-
-
-def _run_all(ctx: Context, fn: Callable[[T], object], items: Iterable[T]) -> None:
-    for f in [ctx.pool.submit(fn, item) for item in items]:
-        f.result()
 
 
 def paced(pool: ThreadPoolExecutor, fn: Callable[[T], object], items: Sequence[T],
@@ -294,7 +285,7 @@ def warm_up(ctx: Context) -> None:
     the API server's quota admission loads its evaluator for a new resource on the first
     create (about 2 s, once per fresh CRD), which is no property of either controller."""
     ns = f"bench-warmup-{ctx.run_id}"
-    _create_namespace(ctx, ns)
+    controlplane.create_namespace(ctx.api, ns)
     owners: list[tuple[type[Side], str]] = [
         (OperatorSide, f"/apis/finetune.dev/v1alpha1/namespaces/{ns}/trainingjobs"),
         (JobSide, f"/apis/batch/v1/namespaces/{ns}/jobs")]
@@ -344,7 +335,7 @@ def _submit(ctx: Context, side: Side, watcher: Watcher, names: list[str], res: d
         t = time.monotonic()
         api.create(side.owner_path(), side.manifest(name))
         create_s.append(time.monotonic() - t)
-    _run_all(ctx, create, names)
+    paced(ctx.pool, create, names, None)
     res["submit_s"] = time.monotonic() - t0
     res["create_call_ms"] = report.lag_stats(create_s)
     log(f"{side.key}: {n} owners submitted in {res['submit_s']:.1f}s "
@@ -394,8 +385,8 @@ def _restart(ctx: Context, side: Side, watcher: Watcher, changed_owners: list[st
     side.before_kill()
     side.kill()
     t_kill = time.monotonic()
-    _run_all(ctx, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
-                                            workload.SUCCEED_PATCH), changed_owners)
+    paced(ctx.pool, lambda o: api.merge_patch(f"{pods_path}/{pod_of[o]}",
+                                              workload.SUCCEED_PATCH), changed_owners, None)
     wait_until(lambda: watcher.count_pods("Succeeded") >= k, wait,
                f"{k} pods Succeeded while the controller is down", 0.05)
     res["inconsistent_at_restart"] = watcher.inconsistent()
@@ -455,7 +446,7 @@ def _resources(ctx: Context, side: Side, watcher: Watcher, res: dict) -> None:
 
 def run_side(ctx: Context, side: Side) -> dict:
     res: dict = {"side": side.title, "namespace": side.namespace}
-    _create_namespace(ctx, side.namespace)
+    controlplane.create_namespace(ctx.api, side.namespace)
     ctx.sampler.reset("controller")
     for name in CONTROL_PLANE:
         ctx.sampler.reset(name)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from . import controlplane, workload
+from .run import paced
 
 KINDS: dict[str, tuple[str, Callable[[str, str], dict]]] = {
     "TrainingJobs, no operator": ("/apis/finetune.dev/v1alpha1/namespaces/{ns}/trainingjobs",
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 api.create(url, manifest("warm-up", ns))
                 bodies = [manifest(f"bj-{n:05d}", ns) for n in range(args.jobs)]
                 t0 = time.monotonic()
-                list(pool.map(partial(api.create, url), bodies))
+                paced(pool, partial(api.create, url), bodies, None)  # as bench.run submits
                 print(f"{kind}: {args.jobs} submitted in {time.monotonic() - t0:.1f}s", flush=True)
     finally:
         cluster.cleanup()

@@ -10,16 +10,13 @@ the API server never sends) is handed to `json`; what neither decodes raises Val
 Encoding falls back to `json` for what orjson cannot encode (a key that is not a string)."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import types
 from typing import Any
 
 import orjson
 
-# The kopf release whose watch stream decodes with the module global `json.loads` (read in
-# kopf/_cogs/clients/api.py, `stream`); operator/pyproject.toml pins it.
-KOPF_VERSION = "1.45.2"
+from . import kopf_pin
 
 
 def loads(data: bytes | str) -> Any:
@@ -39,9 +36,6 @@ def dumps(obj: Any) -> bytes:
 def install_in_kopf() -> None:
     """kopf's watch stream decodes each line with its module's `json.loads`: give that module
     this `loads`. Refuses (loudly) a kopf other than the one read."""
-    version = importlib.metadata.version("kopf")
-    if version != KOPF_VERSION:
-        raise RuntimeError(f"finetune_operator.json_codec was written for kopf {KOPF_VERSION}, "
-                           f"found {version}: re-read kopf/_cogs/clients/api.py and update it")
+    kopf_pin.require("json_codec", "kopf/_cogs/clients/api.py (`stream`)")
     from kopf._cogs.clients import api
     setattr(api, "json", types.SimpleNamespace(loads=loads))  # noqa: B010 (a module, not a class)

@@ -11,13 +11,12 @@ waiter of a ToggleSet waits for (`wait_for` compares `is_on()` with a state), so
 miss its state; a single Toggle's own `turn_to` still notifies on every change."""
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable, Iterable
 
 from kopf._cogs.aiokits import aiotoggles
 
-# The kopf release whose ToggleSet this replaces methods of (operator/pyproject.toml pins it).
-KOPF_VERSION = "1.45.2"
+from . import kopf_pin
+
 _ToggleSet = aiotoggles.ToggleSet
 
 
@@ -46,10 +45,7 @@ async def _drop_toggles(self: aiotoggles.ToggleSet, toggles: Iterable[aiotoggles
 
 def install() -> None:
     """Replace the three methods; refuses (loudly) a kopf whose ToggleSet is not the one read."""
-    version = importlib.metadata.version("kopf")
-    if version != KOPF_VERSION:
-        raise RuntimeError(f"finetune_operator.kopf_barrier was written for kopf {KOPF_VERSION}, "
-                           f"found {version}: re-read kopf's aiotoggles.ToggleSet and update it")
+    kopf_pin.require("kopf_barrier", "kopf's aiotoggles.ToggleSet")
     _ToggleSet.make_toggle = _make_toggle  # type: ignore[method-assign]
     _ToggleSet.drop_toggle = _drop_toggle  # type: ignore[method-assign]
     _ToggleSet.drop_toggles = _drop_toggles  # type: ignore[method-assign]

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kopf._cogs.clients import api
 
-from finetune_operator import json_codec
+from finetune_operator import json_codec, kopf_pin
 
 
 def json_values(integers: st.SearchStrategy[int]) -> st.SearchStrategy:
@@ -55,6 +55,6 @@ def test_kopf_watch_stream_decodes_with_it_once_installed(monkeypatch):
 
 
 def test_refuses_another_kopf(monkeypatch):
-    monkeypatch.setattr(json_codec.importlib.metadata, "version", lambda _: "1.46.0")
+    monkeypatch.setattr(kopf_pin.importlib.metadata, "version", lambda _: "1.46.0")
     with pytest.raises(RuntimeError, match="written for kopf 1.45.2, found 1.46.0"):
         json_codec.install_in_kopf()

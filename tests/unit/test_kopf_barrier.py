@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from kopf._cogs.aiokits import aiotoggles
 
-from finetune_operator import kopf_barrier
+from finetune_operator import kopf_barrier, kopf_pin
 
 N = 300
 
@@ -93,6 +93,6 @@ def test_waiters_of_both_states_still_wake(installed):
 
 
 def test_refuses_another_kopf_release(monkeypatch):
-    monkeypatch.setattr(kopf_barrier, "KOPF_VERSION", "0.0.0")
+    monkeypatch.setattr(kopf_pin, "KOPF_VERSION", "0.0.0")
     with pytest.raises(RuntimeError, match="written for kopf 0.0.0"):
         kopf_barrier.install()
