@@ -77,7 +77,9 @@ def test_two_ranks_train_over_gloo_and_a_killed_rank_resumes_the_whole_gang_bit_
               and ((s.get("progress") or {}).get("step") or 0) > 2 * EVERY, 300, "a checkpoint and more steps")
     trainer_process(jobs, real_node, "killed", "killed-1-1", "rank-1").send_signal(signal.SIGKILL)
     second = jobs.wait("killed", lambda s: s.get("attempt") == 2, 180, "the replacement gang")
-    ends = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["state"] for p in jobs.pods("killed")}
+    # For the message only; attempt 2's pods may not have a container status yet (status first).
+    ends = {p["metadata"]["name"]: ((p.get("status") or {}).get("containerStatuses") or [{}])[0].get("state")
+            for p in jobs.pods("killed")}
     assert second["lastInterruption"]["pod"] == "killed-1-1", (second["lastInterruption"], ends)
     assert second["lastInterruption"]["exitCode"] == 137
     wait_for(lambda: not any(p["metadata"]["name"].startswith("killed-1-") and
